@@ -1,0 +1,125 @@
+"""varlen_attention: non-causal softmax attention over packed sequences (cu_seqlens).
+
+Same function as flash_attn_varlen_func / xformers BlockDiagonalMask: a token only attends
+to tokens of its own sequence. Two paths compute it: a padded-SDPA reference (reference.py)
+and a Triton FlashAttention-2 forward/backward (fused.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._dispatch import resolve_impl
+from kernels.attention.reference import varlen_attention_ref
+
+try:  # triton is a Linux-only dependency; the reference path works without it
+    from kernels.attention import fused as _fused
+except ImportError:  # pragma: no cover - depends on the platform
+    _fused = None
+
+__all__ = ["varlen_attention", "varlen_attention_qkvpacked", "varlen_attention_ref"]
+
+_OP = "varlen_attention"
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
+
+
+def _check_metadata(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scale) -> None:
+    """Checks that need no device sync (always run)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{_OP}: {name} must be [T, H, Dh], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{_OP}: {name} must be floating point, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{_OP}: {name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{_OP}: {name} dtype {t.dtype} != q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device}, q on {q.device}")
+    head_dim = q.shape[-1]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{_OP}: q/k/v head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}"
+        )
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"{_OP}: cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{_OP}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{_OP}: cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{_OP}: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{_OP}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"{_OP}: scale must be None or a float, got {scale!r}")
+
+
+def _check_values(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
+    """Checks on cu_seqlens values: one host sync on CUDA."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    if lengths.numel() == 0:
+        lengths = cu.new_zeros(1)
+    first, last, min_len, max_len = torch.stack((cu[0], cu[-1], lengths.min(), lengths.max())).tolist()
+    if first != 0:
+        raise ValueError(f"{_OP}: cu_seqlens must start at 0, got {first}")
+    if min_len < 0:
+        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing")
+    if last != total:
+        raise ValueError(f"{_OP}: cu_seqlens must end at T={total}, got {last}")
+    if max_len > max_seqlen:
+        raise ValueError(f"{_OP}: max_seqlen={max_seqlen} < longest sequence length {max_len}")
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    """Softmax attention within each packed sequence (non-causal).
+
+    q, k, v:    [T, H, Dh] packed tokens; may be strided views (e.g. qkv.unbind(1)), no copy.
+    cu_seqlens: int32 [S+1], starts at 0, non-decreasing, ends at T; empty sequences allowed.
+    max_seqlen: Python int >= the longest sequence (sizes the Triton grid / the padded batch).
+    scale:      softmax scale, default Dh ** -0.5.
+    impl:       "auto" (Triton on CUDA, reference elsewhere) | "triton" | "reference".
+    validate:   check cu_seqlens values (a host sync on CUDA); metadata is always checked.
+    Returns [T, H, Dh] contiguous, dtype of q; differentiable w.r.t. q, k, v.
+    """
+    _check_metadata(q, k, v, cu_seqlens, max_seqlen, scale)
+    path = resolve_impl(impl, q.device, _OP)
+    if validate:
+        _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if path == "reference":
+        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale)
+    if _fused is None:
+        raise ValueError(f"{_OP}: impl='triton' needs triton installed")
+    _fused.check_supported(q, k, v, cu_seqlens)
+    return _fused.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def varlen_attention_qkvpacked(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    """varlen_attention on a fused projection. qkv: [T, 3, H, Dh] -> [T, H, Dh]; no copy of qkv."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"{_OP}: qkv must be [T, 3, H, Dh], got {shape}")
+    q, k, v = qkv.unbind(1)
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, impl=impl, validate=validate)
