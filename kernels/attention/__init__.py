@@ -122,4 +122,12 @@ def varlen_attention_qkvpacked(
         shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"{_OP}: qkv must be [T, 3, H, Dh], got {shape}")
     q, k, v = qkv.unbind(1)
-    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, impl=impl, validate=validate)
+    if resolve_impl(impl, qkv.device, _OP) == "reference" or _fused is None:
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, impl=impl, validate=validate)
+    # Triton: same checks, then the packed op, whose backward writes one dqkv buffer
+    _check_metadata(q, k, v, cu_seqlens, max_seqlen, scale)
+    if validate:
+        _check_values(cu_seqlens, qkv.shape[0], max_seqlen)
+    _fused.check_supported(q, k, v, cu_seqlens)
+    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
+    return _fused.varlen_attention_qkvpacked_triton(qkv, cu_seqlens, max_seqlen, scale)

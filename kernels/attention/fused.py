@@ -1,0 +1,499 @@
+"""Triton FlashAttention-2 over packed sequences (cu_seqlens), forward and backward.
+
+Layout: q, k, v, o, do: [T, H, Dh] read through their strides (qkv.unbind(1) views work, no copy).
+LSE and delta: fp32 [H, T]. The LSE is kept in base 2 (log2 of the sum of exp2 of the
+log2(e)-scaled scores) so the backward recomputes P with exactly the forward's arithmetic.
+
+Grid of every per-sequence kernel: (cdiv(max_seqlen, BLOCK), H, S); a program reads its
+sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end.
+The backward is deterministic: dk/dv per key block loop over the sequence's query blocks, dq per
+query block loops over key blocks; no atomics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+# CUDA limits grid dims 1 and 2 to 65535; S lives on dim 2.
+MAX_SEQUENCES = 65535
+# Test hook: allocate outputs filled with NaN so an unwritten element shows up.
+POISON_OUTPUTS = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain, so exp2 below
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh,  # O is allocated contiguous: unit stride over Dh
+    stride_lh,  # LSE [H, T]
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    start_m = i_m * BLOCK_M
+    if start_m >= seqlen:  # query block past the end of a short sequence
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM  # Dh padded to a power of 2
+
+    q_ptrs = Q + (bos + offs_m)[:, None] * stride_qt + i_h * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+    k_base = K + bos * stride_kt + i_h * stride_kh
+    v_base = V + bos * stride_vt + i_h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < seqlen
+        kT = tl.load(  # [BD, BN]
+            k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+        )
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # the first block always holds a valid key, so m_new is finite from the start
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(  # [BN, BD]
+            v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_ptrs = O + (bos + offs_m)[:, None] * stride_ot + i_h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + i_h * stride_lh + bos + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _varlen_attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    T,
+    stride_ot, stride_oh, stride_od,
+    stride_dot, stride_doh, stride_dod,
+    stride_delta_h,  # DELTA [H, T]
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # delta[h, t] = sum_d dO[t, h, d] * O[t, h, d], in fp32
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    offs_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + offs_t[:, None] * stride_ot + i_h * stride_oh + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs_t[:, None] * stride_dot + i_h * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + i_h * stride_delta_h + offs_t, tl.sum(o * do, 1), mask=offs_t < T)
+
+
+@triton.jit
+def _varlen_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
+    stride_lh,  # LSE and DELTA [H, T]
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # one key block of one (head, sequence); loops over all of the sequence's query blocks
+    i_n = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    start_n = i_n * BLOCK_N
+    if start_n >= seqlen:
+        return
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < seqlen
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + (bos + offs_n)[:, None] * stride_kt + i_h * stride_kh + offs_d[None, :] * stride_kd,
+                mask=mask_nd, other=0.0)  # [BN, BD]
+    v = tl.load(V + (bos + offs_n)[:, None] * stride_vt + i_h * stride_vh + offs_d[None, :] * stride_vd,
+                mask=mask_nd, other=0.0)  # [BN, BD]
+    q_base = Q + bos * stride_qt + i_h * stride_qh
+    do_base = DO + bos * stride_dot + i_h * stride_doh
+    lse_base = LSE + i_h * stride_lh + bos
+    delta_base = DELTA + i_h * stride_lh + bos
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, seqlen, BLOCK_M):
+        offs_m = start_m + offs_m0
+        mask_m = offs_m < seqlen
+        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                     mask=mask_m[None, :] & mask_d[:, None], other=0.0)  # [BD, BM]
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+        pT = tl.exp2(sT - lse[None, :])
+        pT = tl.where(mask_m[None, :], pT, 0.0)  # padded query columns contribute nothing
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+
+    dk *= sm_scale
+    tl.store(DK + (bos + offs_n)[:, None] * stride_dkt + i_h * stride_dkh + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + (bos + offs_n)[:, None] * stride_dvt + i_h * stride_dvh + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _varlen_attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, stride_dqd,
+    stride_lh,  # LSE and DELTA [H, T]
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # one query block of one (head, sequence); loops over all of the sequence's key blocks
+    i_m = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    start_m = i_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seqlen
+    mask_d = offs_d < HEAD_DIM
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + i_h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0)  # [BM, BD]
+    do = tl.load(DO + (bos + offs_m)[:, None] * stride_dot + i_h * stride_doh + offs_d[None, :] * stride_dod,
+                 mask=mask_md, other=0.0)  # [BM, BD]
+    lse = tl.load(LSE + i_h * stride_lh + bos + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + i_h * stride_lh + bos + offs_m, mask=mask_m, other=0.0)
+    k_base = K + bos * stride_kt + i_h * stride_kh
+    v_base = V + bos * stride_vt + i_h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + offs_n0
+        mask_n = cols < seqlen
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=mask_dn, other=0.0)  # [BD, BN]
+        vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None] * stride_vd,
+                     mask=mask_dn, other=0.0)  # [BD, BN]
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)  # padded key columns contribute nothing
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
+
+    dq *= sm_scale
+    tl.store(DQ + (bos + offs_m)[:, None] * stride_dqt + i_h * stride_dqh + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+
+
+def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps per kernel, keyed by padded head dim and dtype.
+
+    kind: "fwd" -> (BLOCK_M, BLOCK_N) query/key tile; "dkdv" -> key tile BLOCK_N with query
+    tile BLOCK_M; "dq" -> query tile BLOCK_M with key tile BLOCK_N.
+    """
+    if _interpreting():
+        # numpy executes each program: few, mid-sized tiles keep the test suite fast
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: keep them small
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    big = block_d > 64
+    if kind == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if big else 4,
+                    num_stages=2 if big else 3)
+    if kind == "dkdv":
+        return dict(BLOCK_M=32, BLOCK_N=64 if big else 128, num_warps=8 if big else 4,
+                    num_stages=2 if big else 3)
+    return dict(BLOCK_M=64 if big else 128, BLOCK_N=32, num_warps=8 if big else 4,
+                num_stages=2 if big else 3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: true fp32 products, not TF32 (fp16/bf16 ignore this)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _new(shape, dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_supported(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
+    """Triton-path limits beyond the op's shared metadata checks; ValueError naming the argument."""
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype not in allowed:
+        raise ValueError(f"varlen_attention: impl='triton' supports q dtypes {allowed}, got {q.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise ValueError("varlen_attention: impl='triton' with bfloat16 q needs CUDA "
+                         "(the Triton interpreter has no bfloat16)")
+    if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
+        raise ValueError(f"varlen_attention: cu_seqlens holds {cu_seqlens.numel() - 1} sequences; "
+                         f"impl='triton' supports at most {MAX_SEQUENCES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                    scale: float) -> tuple[Tensor, Tensor]:
+    """q, k, v [T, H, Dh] (strided) -> (o [T, H, Dh] contiguous, lse fp32 [H, T], base 2)."""
+    total, heads, head_dim = q.shape
+    nseq = cu_seqlens.numel() - 1
+    o = _new((total, heads, head_dim), q.dtype, q.device)
+    lse = _new((heads, total), torch.float32, q.device)
+    if total == 0 or nseq == 0 or max_seqlen == 0:
+        return o, lse
+    block_d = _block_d(head_dim)
+    cfg = _config("fwd", block_d, q.dtype)
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
+    _varlen_attn_fwd_kernel[grid](
+        q, k, v, o, lse, cu_seqlens,
+        scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(),
+        o.stride(0), o.stride(1),
+        lse.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+    )
+    return o, lse
+
+
+def varlen_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                    cu_seqlens: Tensor, max_seqlen: int, scale: float,
+                    dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """Writes dq, dk, dv ([T, H, Dh], any strides, preallocated) from do [T, H, Dh] and lse [H, T]."""
+    total, heads, head_dim = q.shape
+    nseq = cu_seqlens.numel() - 1
+    if total == 0 or nseq == 0 or max_seqlen == 0:  # nothing to attend (T == 0 when inputs are valid)
+        for g in (dq, dk, dv):
+            g.zero_()
+        return
+    block_d = _block_d(head_dim)
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
+        o, do, delta, total, *o.stride(), *do.stride(), delta.stride(0),
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d,
+    )
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    cfg = _config("dkdv", block_d, q.dtype)
+    _varlen_attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), heads, nseq)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens,
+        scale * _LOG2E, scale,
+        *strides, *dk.stride(), *dv.stride(), lse.stride(0),
+        **common, **cfg,
+    )
+    cfg = _config("dq", block_d, q.dtype)
+    _varlen_attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)](
+        q, k, v, do, lse, delta, dq, cu_seqlens,
+        scale * _LOG2E, scale,
+        *strides, *dq.stride(), lse.stride(0),
+        **common, **cfg,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch custom ops (opaque to torch.compile, with fake impls and an autograd formula)
+# ---------------------------------------------------------------------------------------------
+# torch.library.custom_op + register_autograd plays the role of a torch.autograd.Function here:
+# the backward is itself a custom op, so AOTAutograd traces forward and backward without a graph
+# break. max_seqlen is a Python int in the schema.
+
+
+@torch.library.custom_op("ajepa::varlen_attn_fwd", mutates_args=())
+def _varlen_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    return varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_varlen_attn_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    total, heads, head_dim = q.shape
+    return (q.new_empty((total, heads, head_dim)),
+            q.new_empty((heads, total), dtype=torch.float32))
+
+
+@torch.library.custom_op("ajepa::varlen_attn_bwd", mutates_args=())
+def _varlen_attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        cu_seqlens: Tensor, max_seqlen: int,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (_new(q.shape, q.dtype, q.device) for _ in range(3))
+    varlen_attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_varlen_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_attn_bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_varlen_attn_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("ajepa::varlen_attn_qkvpacked_fwd", mutates_args=())
+def _varlen_attn_qkvpacked_fwd_op(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                  scale: float) -> tuple[Tensor, Tensor]:
+    return varlen_attn_fwd(*qkv.unbind(1), cu_seqlens, max_seqlen, scale)
+
+
+@_varlen_attn_qkvpacked_fwd_op.register_fake
+def _(qkv, cu_seqlens, max_seqlen, scale):
+    total, _, heads, head_dim = qkv.shape
+    return (qkv.new_empty((total, heads, head_dim)),
+            qkv.new_empty((heads, total), dtype=torch.float32))
+
+
+@torch.library.custom_op("ajepa::varlen_attn_qkvpacked_bwd", mutates_args=())
+def _varlen_attn_qkvpacked_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor,
+                                  cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+    # writes dq, dk, dv straight into one [T, 3, H, Dh] buffer: no stack/cat copy in backward
+    dqkv = _new(qkv.shape, qkv.dtype, qkv.device)
+    varlen_attn_bwd(do, *qkv.unbind(1), o, lse, cu_seqlens, max_seqlen, scale, *dqkv.unbind(1))
+    return dqkv
+
+
+@_varlen_attn_qkvpacked_bwd_op.register_fake
+def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, cu_seqlens, max_seqlen, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, do, _dlse):
+    qkv, o, lse, cu_seqlens = ctx.saved_tensors
+    dqkv = _varlen_attn_qkvpacked_bwd_op(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dqkv, None, None, None
+
+
+_varlen_attn_qkvpacked_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# functional entry points (inputs already checked by kernels.attention)
+# ---------------------------------------------------------------------------------------------
+
+
+def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                            scale: float | None = None) -> Tensor:
+    """Triton varlen attention. q, k, v [T, H, Dh] (strided), cu_seqlens int32 [S+1] -> [T, H, Dh]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _varlen_attn_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale))[0]
+
+
+def varlen_attention_qkvpacked_triton(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                      scale: float | None = None) -> Tensor:
+    """Triton varlen attention on fused qkv [T, 3, H, Dh] -> [T, H, Dh]; dqkv comes back as one buffer."""
+    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
+    return _varlen_attn_qkvpacked_fwd_op(qkv, cu_seqlens, int(max_seqlen), float(scale))[0]
+
+
+__all__ = [
+    "MAX_SEQUENCES",
+    "check_supported",
+    "varlen_attention_qkvpacked_triton",
+    "varlen_attention_triton",
+    "varlen_attn_bwd",
+    "varlen_attn_fwd",
+]
