@@ -1,0 +1,246 @@
+"""Triton masked gather: forward gather(+pos), deterministic scatter-add backward, gather+layer-norm.
+
+Layout: kernels, then launchers (checks, strides, allocation), then torch custom ops
+(opaque to torch.compile, with fake impls), then the autograd.Function and the
+functional ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.gather.reference import check_gather_args
+
+
+@triton.jit
+def _masked_gather_fwd_kernel(
+    x,  # [B, N_X, D] any strides (2-D x is passed as B = 1)
+    index,  # int64 [T], flat rows of x
+    pos,  # [N_POS, D] any strides; unused unless HAS_POS
+    out,  # [T, D] contiguous
+    T,
+    D,
+    N_X,
+    N_POS,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_pn,
+    stride_pd,
+    HAS_POS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    # int64 offsets: B * N * D overflows int32 at real sizes
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    idx = tl.load(index + rows, mask=row_ok, other=0)
+    src = (idx // N_X) * stride_xb + (idx % N_X) * stride_xn  # [BLOCK_T]
+    val = tl.load(x + src[:, None] + cols[None, :] * stride_xd, mask=mask)
+    if HAS_POS:
+        p = (idx % N_POS) * stride_pn
+        val += tl.load(pos + p[:, None] + cols[None, :] * stride_pd, mask=mask)
+    tl.store(out + rows[:, None] * D + cols[None, :], val, mask=mask)
+
+
+@triton.jit
+def _masked_gather_bwd_kernel(
+    grad,  # [T, D] any strides: gradient of the gathered rows
+    perm,  # int64 [T]: t sorted by destination row (stable, so t order within a row)
+    rowptr,  # int64 [R + 1]: perm[rowptr[r]:rowptr[r+1]] land in row r
+    out,  # [R, D] contiguous; every row is written (zeros where nothing lands)
+    D,
+    stride_gt,
+    stride_gd,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per destination row: a segmented sum, no atomics, so the result is
+    # deterministic and duplicate indices accumulate in a fixed order.
+    r = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    col_ok = cols < D
+    start = tl.load(rowptr + r)
+    end = tl.load(rowptr + r + 1)
+    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
+    for j in range(start, end):
+        t = tl.load(perm + j)
+        acc += tl.load(grad + t * stride_gt + cols * stride_gd, mask=col_ok, other=0.0).to(ACC_DTYPE)
+    tl.store(out + r * D + cols, acc.to(out.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _gather_layer_norm_fwd_kernel(
+    x,  # [B, N_X, D] any strides
+    index,  # int64 [T]
+    out,  # [T, D] contiguous, x.dtype
+    T,
+    D,
+    N_X,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    eps,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # >= D: a whole row per tile
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    idx = tl.load(index + rows, mask=row_ok, other=0)
+    src = (idx // N_X) * stride_xb + (idx % N_X) * stride_xn
+    v = tl.load(x + src[:, None] + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(v, axis=1) / D
+    diff = tl.where(mask, v - mean[:, None], 0.0)  # two-pass variance, as F.layer_norm
+    var = tl.sum(diff * diff, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = diff * rstd[:, None]
+    tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
+
+
+def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
+    """(N_X, stride_b, stride_n, stride_d) so that row i of x is at (i // N_X) * sb + (i % N_X) * sn."""
+    if x.dim() == 3:
+        return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+    return max(x.shape[0], 1), 0, x.stride(0), x.stride(1)
+
+
+def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+    T, D = index.shape[0], x.shape[-1]
+    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    if T == 0 or D == 0:
+        return out
+    index = index.contiguous()
+    n_x, sxb, sxn, sxd = _x_as_3d(x)
+    BLOCK_D = min(triton.next_power_of_2(D), 1024)
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_D))
+    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
+    has_pos = pos is not None
+    p = pos if has_pos else x
+    _masked_gather_fwd_kernel[grid](
+        x, index, p, out, T, D, n_x, n_pos, sxb, sxn, sxd,
+        p.stride(0) if has_pos else 0, p.stride(1) if has_pos else 0,
+        HAS_POS=has_pos, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
+    """out[r] = sum of grad[t] over t with keys[t] == r, summed in t order: [n_rows, D]."""
+    D = grad.shape[1]
+    out = torch.empty((n_rows, D), dtype=grad.dtype, device=grad.device)
+    if n_rows == 0 or D == 0:
+        return out
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
+    rowptr = torch.searchsorted(sorted_keys, bounds)
+    acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
+    BLOCK_D = min(triton.next_power_of_2(D), 1024)
+    grid = (n_rows, triton.cdiv(D, BLOCK_D))
+    _masked_gather_bwd_kernel[grid](
+        grad, perm, rowptr, out, D, grad.stride(0), grad.stride(1),
+        ACC_DTYPE=acc, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
+    T, D = index.shape[0], x.shape[-1]
+    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    if T == 0 or D == 0:
+        return out
+    index = index.contiguous()
+    n_x, sxb, sxn, sxd = _x_as_3d(x)
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_T = max(1, min(16, 4096 // BLOCK_D))
+    grid = (triton.cdiv(T, BLOCK_T),)
+    _gather_layer_norm_fwd_kernel[grid](
+        x, index, out, T, D, n_x, sxb, sxn, sxd, eps,
+        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 2048 else 8,
+    )
+    return out
+
+
+# Custom ops: opaque to torch.compile (no graph break), shapes given by the fake impls.
+@torch.library.custom_op("ajepa::masked_gather_fwd", mutates_args=())
+def masked_gather_fwd_op(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+    return _gather_fwd_launch(x, index, pos, n_pos)
+
+
+@masked_gather_fwd_op.register_fake
+def _(x, index, pos, n_pos):
+    return x.new_empty((index.shape[0], x.shape[-1]))
+
+
+@torch.library.custom_op("ajepa::masked_gather_bwd", mutates_args=())
+def masked_gather_bwd_op(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
+    return _gather_bwd_launch(grad, keys, n_rows)
+
+
+@masked_gather_bwd_op.register_fake
+def _(grad, keys, n_rows):
+    return grad.new_empty((n_rows, grad.shape[1]))
+
+
+@torch.library.custom_op("ajepa::gather_layer_norm", mutates_args=())
+def gather_layer_norm_op(x: Tensor, index: Tensor, eps: float) -> Tensor:
+    return _gather_layer_norm_launch(x, index, eps)
+
+
+@gather_layer_norm_op.register_fake
+def _(x, index, eps):
+    return x.new_empty((index.shape[0], x.shape[-1]))
+
+
+class MaskedGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.x_shape = x.shape
+        ctx.n_pos = n_pos
+        ctx.has_pos = pos is not None
+        return masked_gather_fwd_op(x, index, pos, n_pos)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        grad_x = grad_pos = None
+        if ctx.needs_input_grad[0]:
+            n_rows = ctx.x_shape[:-1].numel()
+            grad_x = masked_gather_bwd_op(grad, index, n_rows).view(ctx.x_shape)
+        if ctx.has_pos and ctx.needs_input_grad[2]:
+            # grad_pos reduces over the batch: rows index % N
+            grad_pos = masked_gather_bwd_op(grad, index % ctx.n_pos, ctx.n_pos)
+        return grad_x, None, grad_pos, None
+
+
+def masked_gather_triton(
+    x: Tensor, index: Tensor, pos: Optional[Tensor] = None, validate: bool = True
+) -> Tensor:
+    """Triton masked gather.
+
+    x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None -> out [T, D]:
+    out[t] = x.reshape(-1, D)[index[t]] (+ pos[index[t] % N]). Backward: deterministic
+    segmented scatter-add (duplicates summed in index order, fp32 accumulation).
+    """
+    n_pos = check_gather_args(x, index, pos, validate, "masked_gather")
+    return MaskedGather.apply(x, index, pos, n_pos)
+
+
+def gather_layer_norm_triton(x: Tensor, index: Tensor, eps: float = 1e-5, validate: bool = True) -> Tensor:
+    """Triton gather + layer-norm of the gathered rows only: x [B, N, D] | [R, D], index [T] -> [T, D]."""
+    check_gather_args(x, index, None, validate, "gather_layer_norm")
+    with torch.no_grad():
+        return gather_layer_norm_op(x, index, float(eps))
