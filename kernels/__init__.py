@@ -1,0 +1,22 @@
+"""ajepa's three kernel ops, each with a Triton path and a plain PyTorch reference.
+
+    from kernels import masked_gather, varlen_attention, ema_update
+
+Every op takes ``impl="auto" | "triton" | "reference"``: "auto" runs Triton on CUDA
+tensors and the reference elsewhere. See each op's docstring for shapes.
+"""
+
+from kernels._dispatch import IMPLS, resolve_impl
+from kernels.attention import varlen_attention, varlen_attention_qkvpacked
+from kernels.ema import ema_update
+from kernels.gather import gather_layer_norm, masked_gather
+
+__all__ = [
+    "IMPLS",
+    "ema_update",
+    "gather_layer_norm",
+    "masked_gather",
+    "resolve_impl",
+    "varlen_attention",
+    "varlen_attention_qkvpacked",
+]

@@ -1,0 +1,318 @@
+"""Datasets (audio folder, CSV/JSONL manifest, built-in synthetic corpus), step-indexed batches, collate.
+
+Batches are a pure function of (seed, step): `StepBatchSampler` yields, for each step, the sample
+indices of that step, and the collator draws that step's masks. A resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from ajepa.audio import AUDIO_EXTENSIONS, AudioError, fbank, file_to_spec, load_audio, resample, waveform_to_spec
+from ajepa.config import AudioConfig, DataConfig
+from ajepa.masks import MaskSampler, PackedMasks
+
+# ---------------------------------------------------------------------------- built-in corpus
+
+SYNTH_CLASSES = ("tone", "chirp", "harmonic", "am_noise", "fm_tone", "clicks", "noise_band")
+
+
+def synth_clip(index: int, seconds: float, sr: int = 16000, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Clip `index` of the built-in corpus: float32 [S] in [-1, 1] and its class id.
+
+    Procedural and deterministic (no download): tones, chirps, harmonic stacks of varied timbre,
+    AM noise, FM tones, click trains and band-limited noise, with random pitch, envelope and level.
+    """
+    rng = np.random.default_rng([seed, index, 0x53594E54])
+    label = index % len(SYNTH_CLASSES)
+    kind = SYNTH_CLASSES[label]
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    f0 = rng.uniform(80.0, 2000.0)
+    if kind == "tone":
+        x = np.sin(2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi))
+    elif kind == "chirp":
+        f1 = rng.uniform(80.0, 6000.0)
+        phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * max(seconds, 1e-3)))
+        x = np.sin(phase)
+    elif kind == "harmonic":
+        k = np.arange(1, int(rng.integers(3, 12)) + 1)
+        k = k[k * f0 < sr / 2] if (k * f0 < sr / 2).any() else k[:1]
+        amps = rng.uniform(0.2, 1.0, k.size) / k ** rng.uniform(0.5, 2.0)  # timbre: spectral tilt
+        x = (amps[:, None] * np.sin(2 * np.pi * f0 * k[:, None] * t[None, :])).sum(0)
+    elif kind == "am_noise":
+        x = rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(1.0, 16.0) * t))
+    elif kind == "fm_tone":
+        beta, fm = rng.uniform(1.0, 10.0), rng.uniform(2.0, 40.0)
+        x = np.sin(2 * np.pi * f0 * t + beta * np.sin(2 * np.pi * fm * t))
+    elif kind == "clicks":
+        x = np.zeros(n)
+        period = max(1, int(sr / rng.uniform(2.0, 40.0)))
+        x[int(rng.integers(0, period)) :: period] = 1.0
+        x = np.convolve(x, np.exp(-np.arange(64) / rng.uniform(2.0, 16.0)), mode="same")
+    else:  # noise_band
+        spec = np.fft.rfft(rng.standard_normal(n))
+        freqs = np.fft.rfftfreq(n, 1 / sr)
+        lo = rng.uniform(50.0, 4000.0)
+        spec[(freqs < lo) | (freqs > lo * rng.uniform(1.2, 2.0))] = 0
+        x = np.fft.irfft(spec, n)
+    env = np.clip(np.minimum(t / rng.uniform(0.005, 0.3), 1.0), 0, 1) * np.exp(-t * rng.uniform(0.0, 2.0))
+    x = x * env
+    x = x / (np.abs(x).max() + 1e-8) * rng.uniform(0.1, 0.9)
+    return x.astype(np.float32), label
+
+
+def synth_seconds(cfg: AudioConfig) -> float:
+    """Clip length that gives exactly cfg.target_frames fbank frames."""
+    return ((cfg.target_frames - 1) * cfg.frame_shift_ms + cfg.frame_length_ms) / 1000.0
+
+
+def write_synth_corpus(out: str | Path, num_clips: int, cfg: AudioConfig, seed: int = 0, progress: bool = True) -> list[Path]:
+    """Write the built-in corpus as labelled WAV files: out/<class>/<index>.wav."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    paths = []
+    for i in tqdm(range(num_clips), desc="synth", disable=not progress):
+        wave, label = synth_clip(i, synth_seconds(cfg), cfg.sample_rate, seed)
+        path = out / SYNTH_CLASSES[label] / f"{i:06d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), wave, cfg.sample_rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- datasets
+
+
+class SpecDataset(torch.utils.data.Dataset):
+    """Base: item i -> normalized spectrogram [1, frames, mel]; `labels[i]` is a class id or -1."""
+
+    classes: tuple[str, ...] = ()
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def spectrogram(self, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def raw_fbank(self, i: int) -> torch.Tensor:
+        """Un-normalized, uncropped fbank [frames, mel] of item i (for dataset statistics)."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.spectrogram(i)
+
+
+class SyntheticDataset(SpecDataset):
+    """The built-in procedural corpus, computed on first use and cached per process."""
+
+    classes = SYNTH_CLASSES
+
+    def __init__(self, num_clips: int, audio: AudioConfig, seed: int = 0):
+        self.audio, self.seed = audio, seed
+        self.labels = [i % len(SYNTH_CLASSES) for i in range(num_clips)]
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def spectrogram(self, i: int, generator=None) -> torch.Tensor:
+        if i not in self._cache:
+            wave, _ = synth_clip(i, synth_seconds(self.audio), self.audio.sample_rate, self.seed)
+            self._cache[i] = waveform_to_spec(torch.from_numpy(wave), self.audio.sample_rate, self.audio).unsqueeze(0)
+        return self._cache[i]
+
+    def raw_fbank(self, i: int) -> torch.Tensor:
+        wave, _ = synth_clip(i, synth_seconds(self.audio), self.audio.sample_rate, self.seed)
+        return fbank(torch.from_numpy(wave), self.audio)
+
+
+class AudioFileDataset(SpecDataset):
+    """Audio files with optional labels; long clips are cropped at a seeded random offset."""
+
+    def __init__(self, paths: list[Path], labels: list[str | None], audio: AudioConfig, random_crop: bool = True):
+        if not paths:
+            raise ValueError("the dataset is empty")
+        self.paths, self.audio, self.random_crop = paths, audio, random_crop
+        names = sorted({lab for lab in labels if lab is not None})
+        self.classes = tuple(names)
+        lookup = {name: i for i, name in enumerate(names)}
+        self.labels = [lookup[lab] if lab is not None else -1 for lab in labels]
+
+    def spectrogram(self, i: int, generator=None) -> torch.Tensor:
+        offset = None if (self.random_crop and generator is not None) else 0
+        return file_to_spec(self.paths[i], self.audio, crop_offset=offset, generator=generator).unsqueeze(0)
+
+    def raw_fbank(self, i: int) -> torch.Tensor:
+        wave, sr = load_audio(self.paths[i])
+        return fbank(resample(wave, sr, self.audio.sample_rate), self.audio)
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[str | None]]:
+    """Audio files found recursively; a file's label is its top-level subfolder, if any."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    labels = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
+    return paths, labels
+
+
+def read_manifest(path: Path) -> tuple[list[Path], list[str | None]]:
+    """CSV with a header (columns `path`, optional `label`) or JSONL ({"path": ..., "label": ...}).
+
+    Relative paths are taken from the manifest's folder.
+    """
+    rows: list[dict] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column")
+            rows = list(reader)
+    else:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict) or "path" not in row:
+                    raise ValueError(f"{path}:{lineno}: each line needs a 'path' field")
+                rows.append(row)
+    paths = [(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
+    labels = [str(r["label"]) if r.get("label") not in (None, "") else None for r in rows]
+    return paths, labels
+
+
+def build_dataset(data: DataConfig, audio: AudioConfig, seed: int = 0) -> SpecDataset:
+    """`data.path` None -> built-in corpus; a folder -> audio files in it; .csv/.jsonl -> a manifest."""
+    if data.path is None:
+        return SyntheticDataset(data.synth_clips, audio, seed)
+    path = Path(data.path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    if path.is_dir():
+        paths, labels = scan_folder(path)
+        if not paths:
+            raise ValueError(f"--data {path}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found under it")
+    elif path.suffix.lower() in (".csv", ".jsonl"):
+        paths, labels = read_manifest(path)
+        if not paths:
+            raise ValueError(f"--data {path}: the manifest lists no files")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--data {path}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+    else:
+        raise ValueError(f"--data {path}: expected a folder, a .csv or a .jsonl manifest")
+    return AudioFileDataset(paths, labels, audio, data.random_crop)
+
+
+# ---------------------------------------------------------------------------- step-indexed batches
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields [(step, sample index), ...] for steps start..steps-1.
+
+    The global sample stream is a new permutation each epoch, seeded by (seed, epoch); rank r of
+    `world` takes its own slice of each step's global batch, so ranks never share a sample.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, steps: int, seed: int = 0, start_step: int = 0, rank: int = 0, world: int = 1):
+        if num_samples < 1:
+            raise ValueError("the dataset is empty")
+        self.n, self.b, self.steps, self.seed = num_samples, batch_size, steps, seed
+        self.start, self.rank, self.world = start_step, rank, world
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        first = (step * self.world + self.rank) * self.b
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(first, first + self.b)]
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield [(step, i) for i in self.indices(step)]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """(step, i) -> (spectrogram, label, step); crops are seeded by (seed, step, i)."""
+
+    def __init__(self, base: SpecDataset, seed: int = 0):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        step, i = key
+        gen = torch.Generator().manual_seed(hash((self.seed, step, i)) & 0x7FFFFFFF)
+        return self.base.spectrogram(i, gen), self.base.labels[i], step
+
+
+@dataclass
+class Batch:
+    spec: torch.Tensor  # [B, 1, frames, mel]
+    labels: torch.Tensor  # int64 [B], -1 where unlabelled
+    step: int
+    masks: PackedMasks
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.spec.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.step,
+            self.masks.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory())
+
+
+class MaskCollator:
+    """Stacks spectrograms and draws + packs the step's masks (in the loader workers)."""
+
+    def __init__(self, sampler: MaskSampler):
+        self.sampler = sampler
+
+    def __call__(self, items) -> Batch:
+        specs, labels, steps = zip(*items)
+        step = steps[0]
+        return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, self.sampler(step, len(items)))
+
+
+def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, steps: int, seed: int,
+                start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False):
+    batches = StepBatchSampler(len(dataset), batch_size, steps, seed, start_step, rank, world)
+    return torch.utils.data.DataLoader(
+        StepDataset(dataset, seed),
+        batch_sampler=batches,
+        collate_fn=MaskCollator(sampler),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+__all__ = [
+    "AudioError",
+    "AudioFileDataset",
+    "Batch",
+    "MaskCollator",
+    "StepBatchSampler",
+    "SyntheticDataset",
+    "build_dataset",
+    "make_loader",
+    "synth_clip",
+    "write_synth_corpus",
+]

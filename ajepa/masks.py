@@ -1,0 +1,200 @@
+"""Masks on a rectangular (time x frequency) patch grid, packed for variable-length kernels.
+
+Token n of a sample sits at grid cell (n // F, n % F): time-major, F frequency patches per row.
+
+Every sample keeps its own context and target sizes: nothing is truncated to the shortest mask in
+the batch (as I-JEPA's collator does). The batch is packed instead, with cu_seqlens:
+
+    context encoder : ctx_index [T_ctx] (flat b*N + n), cu_ctx [B+1]
+    predictor       : one sequence per (sample b, target block k) = [context of b ; targets of block k]
+                      pred_index [T_pred] (flat b*N + n), cu_pred [B*K+1]
+    outputs/targets : pred_out_index [T_tgt] rows of the predictor sequence that are targets,
+                      tgt_index [T_tgt] the same tokens as flat b*N + n
+
+Masks are a pure function of (seed, step, rank): a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ajepa.config import MaskConfig
+
+Block = tuple[int, int, int, int]  # (top, left, height, width) in patches
+
+
+def curriculum_prob(step: int, total_steps: int, c0: float = 0.01) -> float:
+    """A-JEPA's probability of time-frequency masks at `step`: min(1, sqrt(s(1-c0^2)/S + c0^2))."""
+    s = min(max(step, 0), total_steps)
+    return min(1.0, math.sqrt(s * (1.0 - c0 * c0) / max(total_steps, 1) + c0 * c0))
+
+
+def _fit(area: float, h: float, w: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """Round a block to whole patches inside the grid, keeping its area when one side is clipped."""
+    H, W = grid
+    h, w = max(1, round(h)), max(1, round(w))
+    if w > W:
+        w, h = W, max(1, round(area / W))
+    if h > H:
+        h, w = H, min(W, max(1, round(area / H)))
+    return min(h, H), w
+
+
+def _place(rng: np.random.Generator, h: int, w: int, grid: tuple[int, int]) -> Block:
+    # Corners may land on the last row and column (I-JEPA's randint(0, H - h) could not).
+    H, W = grid
+    return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
+
+
+def sample_block(rng: np.random.Generator, grid: tuple[int, int], scale, aspect) -> Block:
+    """A block of `scale` * grid area and aspect ratio (time / frequency) drawn from `aspect`."""
+    H, W = grid
+    area = rng.uniform(*scale) * H * W
+    ar = rng.uniform(*aspect)
+    h, w = _fit(area, math.sqrt(area * ar), math.sqrt(area / ar), grid)
+    return _place(rng, h, w, grid)
+
+
+def sample_tf_block(rng: np.random.Generator, grid: tuple[int, int], scale) -> Block:
+    """A time-frequency block: a time strip over every frequency row, or a frequency band over a
+    contiguous stretch of time (band height 1..max(1, F // 4) patches). A-JEPA does not publish
+    its exact geometry; this is ours."""
+    H, W = grid
+    area = rng.uniform(*scale) * H * W
+    if rng.random() < 0.5:  # time strip
+        h, w = min(H, max(1, round(area / W))), W
+    else:  # frequency band
+        w = int(rng.integers(1, max(1, W // 4) + 1))
+        h = min(H, max(1, round(area / w)))
+    return _place(rng, h, w, grid)
+
+
+def block_indices(block: Block, grid: tuple[int, int]) -> np.ndarray:
+    top, left, h, w = block
+    rows = np.arange(top, top + h)[:, None]
+    cols = np.arange(left, left + w)[None, :]
+    return (rows * grid[1] + cols).reshape(-1)
+
+
+def sample_masks(
+    rng: np.random.Generator, grid: tuple[int, int], cfg: MaskConfig, use_tf: bool, max_tries: int = 20
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One sample's (context indices, [target indices per block]), each sorted int64."""
+    if use_tf:
+        blocks = [sample_tf_block(rng, grid, cfg.tf_scale) for _ in range(cfg.tf_num_targets)]
+    else:
+        blocks = [sample_block(rng, grid, cfg.target_scale, cfg.target_aspect) for _ in range(cfg.num_targets)]
+    targets = [np.sort(block_indices(b, grid)).astype(np.int64) for b in blocks]
+    covered = np.zeros(grid[0] * grid[1], dtype=bool)
+    for t in targets:
+        covered[t] = True
+    for _ in range(max_tries):
+        keep = np.zeros_like(covered)
+        keep[block_indices(sample_block(rng, grid, cfg.context_scale, (1.0, 1.0)), grid)] = True
+        keep &= ~covered
+        if keep.sum() >= cfg.min_keep:
+            break
+    else:  # every context block was eaten by the targets: fall back to all visible patches
+        keep = ~covered
+    return np.flatnonzero(keep).astype(np.int64), targets
+
+
+@dataclass
+class PackedMasks:
+    """A batch of per-sample masks packed for varlen kernels (see the module docstring)."""
+
+    ctx_index: torch.Tensor  # int64 [T_ctx]
+    cu_ctx: torch.Tensor  # int32 [B+1]
+    max_ctx: int
+    pred_index: torch.Tensor  # int64 [T_pred]
+    cu_pred: torch.Tensor  # int32 [B*K+1]
+    max_pred: int
+    pred_out_index: torch.Tensor  # int64 [T_tgt]
+    tgt_index: torch.Tensor  # int64 [T_tgt]
+    batch_size: int
+    num_patches: int
+    use_tf: bool
+
+    def to(self, device, non_blocking: bool = False) -> "PackedMasks":
+        moved = {
+            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return PackedMasks(**moved)
+
+    def pin_memory(self) -> "PackedMasks":
+        return PackedMasks(
+            **{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
+        )
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.tgt_index.numel())
+
+
+def pack_masks(
+    per_sample: list[tuple[np.ndarray, list[np.ndarray]]], num_patches: int, use_tf: bool
+) -> PackedMasks:
+    """Pack per-sample (context, targets) into flat indices and cu_seqlens. Runs in loader workers."""
+    N = num_patches
+    ctx_parts, pred_parts, out_parts, tgt_parts = [], [], [], []
+    ctx_lens, pred_lens = [], []
+    pred_offset = 0
+    for b, (ctx, targets) in enumerate(per_sample):
+        if ctx.size == 0:
+            raise ValueError(f"sample {b} has an empty context")
+        gctx = ctx + b * N
+        ctx_parts.append(gctx)
+        ctx_lens.append(ctx.size)
+        for tgt in targets:
+            if np.intersect1d(ctx, tgt).size:
+                raise ValueError(f"sample {b}: context and target overlap")
+            gtgt = tgt + b * N
+            pred_parts += [gctx, gtgt]
+            out_parts.append(pred_offset + ctx.size + np.arange(tgt.size))
+            tgt_parts.append(gtgt)
+            pred_lens.append(ctx.size + tgt.size)
+            pred_offset += ctx.size + tgt.size
+
+    def cu(lens):
+        return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+
+    return PackedMasks(
+        ctx_index=torch.from_numpy(np.concatenate(ctx_parts)),
+        cu_ctx=cu(ctx_lens),
+        max_ctx=int(max(ctx_lens)),
+        pred_index=torch.from_numpy(np.concatenate(pred_parts)),
+        cu_pred=cu(pred_lens),
+        max_pred=int(max(pred_lens)),
+        pred_out_index=torch.from_numpy(np.concatenate(out_parts).astype(np.int64)),
+        tgt_index=torch.from_numpy(np.concatenate(tgt_parts)),
+        batch_size=len(per_sample),
+        num_patches=N,
+        use_tf=use_tf,
+    )
+
+
+class MaskSampler:
+    """Draws a batch's masks from (seed, step, rank) and the curriculum; stateless, so resumable."""
+
+    def __init__(self, cfg: MaskConfig, grid: tuple[int, int], total_steps: int, seed: int = 0, rank: int = 0):
+        self.cfg, self.grid, self.total_steps, self.seed, self.rank = cfg, grid, total_steps, seed, rank
+
+    def tf_probability(self, step: int) -> float:
+        mode = self.cfg.mode
+        if mode == "multiblock":
+            return 0.0
+        if mode == "tf":
+            return 1.0
+        return curriculum_prob(step, self.total_steps, self.cfg.curriculum_c0)
+
+    def __call__(self, step: int, batch_size: int) -> PackedMasks:
+        rng = np.random.default_rng([self.seed, self.rank, step, 0x6A657061])
+        use_tf = bool(rng.random() < self.tf_probability(step))
+        per_sample = [sample_masks(rng, self.grid, self.cfg, use_tf) for _ in range(batch_size)]
+        return pack_masks(per_sample, self.grid[0] * self.grid[1], use_tf)
