@@ -133,8 +133,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
+    dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # fails on bad --data before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     model, opt = build(cfg, device)
     start = 0
@@ -153,7 +154,6 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     save_config(cfg, out / "config.yaml")
 
-    dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)
     sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, cfg.train.seed)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
     loader = make_loader(dataset, sampler, cfg.train.batch_size, end, cfg.train.seed, start,

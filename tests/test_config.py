@@ -1,0 +1,45 @@
+import pytest
+
+from ajepa.config import ConfigError, apply_overrides, get_preset, load_config, save_config
+
+
+def test_presets():
+    base = get_preset("base")
+    m = base.model
+    assert (m.embed_dim, m.depth, m.num_heads, m.pred_dim, m.pred_depth) == (768, 12, 12, 512, 16)
+    assert base.grid == (64, 8) and base.num_patches == 512
+    tiny = get_preset("tiny")
+    assert tiny.grid == (16, 8) and tiny.model.embed_dim == 192
+    assert get_preset("small").model.embed_dim == 384
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(get_preset("tiny"), ["masks.mode=tf", "optim.betas=[0.8, 0.95]", "data.path=/x"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(get_preset("tiny"), ["train.steps=7", "optim.lr=1e-3", "train.amp=false", "masks.target_scale=0.1,0.12"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 1e-3 and cfg.train.amp is False
+    assert cfg.masks.target_scale == (0.1, 0.12)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.stepz=3", "unknown config key train.stepz"),
+    ("trian.steps=3", "unknown config section"),
+    ("train.steps=many", "train.steps: expected an integer"),
+    ("train.amp=maybe", "expected a boolean"),
+    ("masks.target_scale=0.2,1.5", "masks.target_scale"),
+    ("masks.min_keep=120", "min_keep"),
+    ("masks.mode=random", "masks.mode"),
+    ("train.impl=cuda", "train.impl"),
+    ("model.num_heads=5", "divisible"),
+    ("steps=3", "section.key=value"),
+])
+def test_bad_config_rejected_before_any_work(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_preset("tiny"), [override])

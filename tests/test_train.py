@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from ajepa.train import lr_at, momentum_at, train, wd_at
+from helpers import micro_config
+
+
+def test_schedules():
+    cfg = micro_config(**{"train.steps": 100, "optim.warmup_steps": 10, "optim.lr": 1e-3, "optim.min_lr": 1e-5})
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-5)
+    assert lr_at(55, cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert wd_at(0, cfg) == pytest.approx(0.04) and wd_at(100, cfg) == pytest.approx(0.4)
+    assert momentum_at(0, cfg) == pytest.approx(0.996) and momentum_at(100, cfg) == pytest.approx(1.0)
+    assert momentum_at(50, cfg) == pytest.approx(0.998)
+
+
+def test_tiny_training_loss_falls(tmp_path):
+    cfg = micro_config(**{"train.steps": 30, "train.log_every": 5, "optim.lr": 2e-3})
+    result = train(cfg, tmp_path / "run", progress=False)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert {"loss", "lr", "wd", "momentum", "samples_per_s"} <= set(rows[0])
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    cfg = micro_config()
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", progress=False, max_steps=4)  # killed after the step-4 checkpoint
+    assert [s for s, _ in part.losses] == [1, 2, 3, 4]
+    rest = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert [s for s, _ in rest.losses] == list(range(5, 13))
+    assert rest.losses == full.losses[4:]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    cfg = micro_config(**{"train.steps": 1})
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
