@@ -9,9 +9,9 @@ from kernels._dispatch import resolve_impl
 from kernels.gather.reference import gather_layer_norm_ref, masked_gather_ref
 
 
-def _device_of(x) -> torch.device:
+def _device_of(x, op: str) -> torch.device:
     if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     return x.device
 
 
@@ -30,7 +30,7 @@ def masked_gather(
     validate=True checks the index range (a host sync on CUDA); shape, dtype and
     device checks always run. Bad input raises ValueError naming the argument.
     """
-    which = resolve_impl(impl, _device_of(x), "masked_gather")
+    which = resolve_impl(impl, _device_of(x, "masked_gather"), "masked_gather")
     if which == "reference":
         return masked_gather_ref(x, index, pos, validate=validate)
     from kernels.gather.fused import masked_gather_triton
@@ -46,7 +46,7 @@ def gather_layer_norm(
     x: [B, N, D] or [R, D]; index: int64 [T] -> [T, D] in x.dtype, equal to
     F.layer_norm(x.reshape(-1, D), (D,), eps=eps)[index].
     """
-    which = resolve_impl(impl, _device_of(x), "gather_layer_norm")
+    which = resolve_impl(impl, _device_of(x, "gather_layer_norm"), "gather_layer_norm")
     if which == "reference":
         return gather_layer_norm_ref(x, index, eps=eps, validate=validate)
     from kernels.gather.fused import gather_layer_norm_triton

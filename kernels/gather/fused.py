@@ -110,6 +110,11 @@ def _gather_layer_norm_fwd_kernel(
     tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
 
 
+def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output buffer comes from here; tests patch it to NaN-fill so an unwritten row fails."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
     """(N_X, stride_b, stride_n, stride_d) so that row i of x is at (i // N_X) * sb + (i % N_X) * sn."""
     if x.dim() == 3:
@@ -119,7 +124,7 @@ def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
 
 def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
     T, D = index.shape[0], x.shape[-1]
-    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    out = _empty((T, D), x.dtype, x.device)
     if T == 0 or D == 0:
         return out
     index = index.contiguous()
@@ -140,7 +145,7 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: i
 def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     """out[r] = sum of grad[t] over t with keys[t] == r, summed in t order: [n_rows, D]."""
     D = grad.shape[1]
-    out = torch.empty((n_rows, D), dtype=grad.dtype, device=grad.device)
+    out = _empty((n_rows, D), grad.dtype, grad.device)
     if n_rows == 0 or D == 0:
         return out
     sorted_keys, perm = torch.sort(keys, stable=True)
@@ -158,7 +163,7 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
 
 def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
     T, D = index.shape[0], x.shape[-1]
-    out = torch.empty((T, D), dtype=x.dtype, device=x.device)
+    out = _empty((T, D), x.dtype, x.device)
     if T == 0 or D == 0:
         return out
     index = index.contiguous()
