@@ -47,7 +47,7 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
                 f"{op}: target[{i}] shape {tuple(t.shape)} differs from online[{i}] shape {tuple(o.shape)}"
             )
         if t.device != o.device:
-            raise ValueError(f"{op}: target[{i}] is on {t.device} but online[{i}] is on {o.device}")
+            raise ValueError(f"{op}: target[{i}] device {t.device} differs from online[{i}] device {o.device}")
     if isinstance(tau, Tensor):
         if tau.dim() != 0 or not tau.is_floating_point():
             raise ValueError(f"{op}: tau must be a float or a 0-dim floating tensor, got shape {tuple(tau.shape)} {tau.dtype}")
