@@ -84,8 +84,15 @@ def _ema_launch(targets: list[Tensor], onlines: list[Tensor], tau: float, one_mi
     if n_blocks == 0:
         return
     _ema_update_kernel[(n_blocks,)](
-        table, n_tensors, n_blocks, tau, one_minus_tau,
-        ONLINE_DTYPE=_TL_DTYPE[onlines[0].dtype], ALIGN=align, BLOCK=BLOCK, num_warps=8,
+        table,
+        n_tensors,
+        n_blocks,
+        tau,
+        one_minus_tau,
+        ONLINE_DTYPE=_TL_DTYPE[onlines[0].dtype],
+        ALIGN=align,
+        BLOCK=BLOCK,
+        num_warps=8,
     )
 
 

@@ -30,9 +30,7 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
         except TypeError as e:
             raise ValueError(f"{op}: target and online must be sequences of tensors ({e})") from None
     if len(targets) != len(onlines):
-        raise ValueError(
-            f"{op}: target and online have different lengths ({len(targets)} vs {len(onlines)})"
-        )
+        raise ValueError(f"{op}: target and online have different lengths ({len(targets)} vs {len(onlines)})")
     for i, (t, o) in enumerate(zip(targets, onlines)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{op}: target[{i}] is a {type(t).__name__}, not a tensor")
@@ -50,7 +48,9 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
             raise ValueError(f"{op}: target[{i}] device {t.device} differs from online[{i}] device {o.device}")
     if isinstance(tau, Tensor):
         if tau.dim() != 0 or not tau.is_floating_point():
-            raise ValueError(f"{op}: tau must be a float or a 0-dim floating tensor, got shape {tuple(tau.shape)} {tau.dtype}")
+            raise ValueError(
+                f"{op}: tau must be a float or a 0-dim floating tensor, got shape {tuple(tau.shape)} {tau.dtype}"
+            )
         tau = float(tau)
     elif isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise ValueError(f"{op}: tau must be a float or a 0-dim floating tensor, got {type(tau).__name__}")

@@ -38,9 +38,7 @@ def masked_gather(
     return masked_gather_triton(x, index, pos, validate=validate)
 
 
-def gather_layer_norm(
-    x: Tensor, index: Tensor, eps: float = 1e-5, impl: str = "auto", validate: bool = True
-) -> Tensor:
+def gather_layer_norm(x: Tensor, index: Tensor, eps: float = 1e-5, impl: str = "auto", validate: bool = True) -> Tensor:
     """Layer-norm (no affine, fp32 math) only the gathered rows; no grad.
 
     x: [B, N, D] or [R, D]; index: int64 [T] -> [T, D] in x.dtype, equal to

@@ -7,8 +7,6 @@ functional ops.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -122,7 +120,7 @@ def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
     return max(x.shape[0], 1), 0, x.stride(0), x.stride(1)
 
 
-def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
     T, D = index.shape[0], x.shape[-1]
     out = _empty((T, D), x.dtype, x.device)
     if T == 0 or D == 0:
@@ -135,9 +133,23 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: i
     has_pos = pos is not None
     p = pos if has_pos else x
     _masked_gather_fwd_kernel[grid](
-        x, index, p, out, T, D, n_x, n_pos, sxb, sxn, sxd,
-        p.stride(0) if has_pos else 0, p.stride(1) if has_pos else 0,
-        HAS_POS=has_pos, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4,
+        x,
+        index,
+        p,
+        out,
+        T,
+        D,
+        n_x,
+        n_pos,
+        sxb,
+        sxn,
+        sxd,
+        p.stride(0) if has_pos else 0,
+        p.stride(1) if has_pos else 0,
+        HAS_POS=has_pos,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
+        num_warps=4,
     )
     return out
 
@@ -155,8 +167,16 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     BLOCK_D = min(triton.next_power_of_2(D), 1024)
     grid = (n_rows, triton.cdiv(D, BLOCK_D))
     _masked_gather_bwd_kernel[grid](
-        grad, perm, rowptr, out, D, grad.stride(0), grad.stride(1),
-        ACC_DTYPE=acc, BLOCK_D=BLOCK_D, num_warps=4,
+        grad,
+        perm,
+        rowptr,
+        out,
+        D,
+        grad.stride(0),
+        grad.stride(1),
+        ACC_DTYPE=acc,
+        BLOCK_D=BLOCK_D,
+        num_warps=4,
     )
     return out
 
@@ -172,15 +192,26 @@ def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
     BLOCK_T = max(1, min(16, 4096 // BLOCK_D))
     grid = (triton.cdiv(T, BLOCK_T),)
     _gather_layer_norm_fwd_kernel[grid](
-        x, index, out, T, D, n_x, sxb, sxn, sxd, eps,
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 2048 else 8,
+        x,
+        index,
+        out,
+        T,
+        D,
+        n_x,
+        sxb,
+        sxn,
+        sxd,
+        eps,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_D <= 2048 else 8,
     )
     return out
 
 
 # Custom ops: opaque to torch.compile (no graph break), shapes given by the fake impls.
 @torch.library.custom_op("ajepa::masked_gather_fwd", mutates_args=())
-def masked_gather_fwd_op(x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+def masked_gather_fwd_op(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
     return _gather_fwd_launch(x, index, pos, n_pos)
 
 
@@ -211,7 +242,7 @@ def _(x, index, eps):
 
 class MaskedGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, pos: Optional[Tensor], n_pos: int) -> Tensor:
+    def forward(ctx, x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
         ctx.save_for_backward(index)
         ctx.x_shape = x.shape
         ctx.n_pos = n_pos
@@ -231,9 +262,7 @@ class MaskedGather(torch.autograd.Function):
         return grad_x, None, grad_pos, None
 
 
-def masked_gather_triton(
-    x: Tensor, index: Tensor, pos: Optional[Tensor] = None, validate: bool = True
-) -> Tensor:
+def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None = None, validate: bool = True) -> Tensor:
     """Triton masked gather.
 
     x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None -> out [T, D]:

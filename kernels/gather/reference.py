@@ -21,8 +21,7 @@ def check_gather_args(x, index, pos, validate: bool, op: str) -> int:
         raise ValueError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (2, 3) or not x.is_floating_point():
         raise ValueError(
-            f"{op}: x must be a floating [B, N, D] or [R, D] tensor, "
-            f"got shape {tuple(x.shape)} dtype {x.dtype}"
+            f"{op}: x must be a floating [B, N, D] or [R, D] tensor, got shape {tuple(x.shape)} dtype {x.dtype}"
         )
     if not isinstance(index, Tensor):
         raise ValueError(f"{op}: index must be a torch.Tensor, got {type(index).__name__}")
@@ -55,9 +54,7 @@ def check_gather_args(x, index, pos, validate: bool, op: str) -> int:
         lo, hi = torch.aminmax(index)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= rows:
-            raise ValueError(
-                f"{op}: index values must lie in [0, {rows}) (rows of x), got min {lo} max {hi}"
-            )
+            raise ValueError(f"{op}: index values must lie in [0, {rows}) (rows of x), got min {lo} max {hi}")
     return n_pos
 
 
