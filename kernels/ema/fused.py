@@ -8,6 +8,7 @@ calls on the same parameters reuse it and any change of tensors builds a new one
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -83,17 +84,20 @@ def _ema_launch(targets: list[Tensor], onlines: list[Tensor], tau: float, one_mi
     table, n_tensors, n_blocks, align = _table(targets, onlines)
     if n_blocks == 0:
         return
-    _ema_update_kernel[(n_blocks,)](
-        table,
-        n_tensors,
-        n_blocks,
-        tau,
-        one_minus_tau,
-        ONLINE_DTYPE=_TL_DTYPE[onlines[0].dtype],
-        ALIGN=align,
-        BLOCK=BLOCK,
-        num_warps=8,
-    )
+    device = targets[0].device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:  # Triton launches on the current CUDA device
+        _ema_update_kernel[(n_blocks,)](
+            table,
+            n_tensors,
+            n_blocks,
+            tau,
+            one_minus_tau,
+            ONLINE_DTYPE=_TL_DTYPE[onlines[0].dtype],
+            ALIGN=align,
+            BLOCK=BLOCK,
+            num_warps=8,
+        )
 
 
 @torch.library.custom_op("ajepa::ema_update_", mutates_args=("target",))

@@ -7,6 +7,8 @@ functional ops.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -108,6 +110,11 @@ def _gather_layer_norm_fwd_kernel(
     tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
 
 
+def _device_guard(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every output buffer comes from here; tests patch it to NaN-fill so an unwritten row fails."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -132,25 +139,26 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
     has_pos = pos is not None
     p = pos if has_pos else x
-    _masked_gather_fwd_kernel[grid](
-        x,
-        index,
-        p,
-        out,
-        T,
-        D,
-        n_x,
-        n_pos,
-        sxb,
-        sxn,
-        sxd,
-        p.stride(0) if has_pos else 0,
-        p.stride(1) if has_pos else 0,
-        HAS_POS=has_pos,
-        BLOCK_T=BLOCK_T,
-        BLOCK_D=BLOCK_D,
-        num_warps=4,
-    )
+    with _device_guard(x.device):
+        _masked_gather_fwd_kernel[grid](
+            x,
+            index,
+            p,
+            out,
+            T,
+            D,
+            n_x,
+            n_pos,
+            sxb,
+            sxn,
+            sxd,
+            p.stride(0) if has_pos else 0,
+            p.stride(1) if has_pos else 0,
+            HAS_POS=has_pos,
+            BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D,
+            num_warps=4,
+        )
     return out
 
 
@@ -166,18 +174,19 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
     BLOCK_D = min(triton.next_power_of_2(D), 1024)
     grid = (n_rows, triton.cdiv(D, BLOCK_D))
-    _masked_gather_bwd_kernel[grid](
-        grad,
-        perm,
-        rowptr,
-        out,
-        D,
-        grad.stride(0),
-        grad.stride(1),
-        ACC_DTYPE=acc,
-        BLOCK_D=BLOCK_D,
-        num_warps=4,
-    )
+    with _device_guard(grad.device):
+        _masked_gather_bwd_kernel[grid](
+            grad,
+            perm,
+            rowptr,
+            out,
+            D,
+            grad.stride(0),
+            grad.stride(1),
+            ACC_DTYPE=acc,
+            BLOCK_D=BLOCK_D,
+            num_warps=4,
+        )
     return out
 
 
@@ -191,21 +200,22 @@ def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_T = max(1, min(16, 4096 // BLOCK_D))
     grid = (triton.cdiv(T, BLOCK_T),)
-    _gather_layer_norm_fwd_kernel[grid](
-        x,
-        index,
-        out,
-        T,
-        D,
-        n_x,
-        sxb,
-        sxn,
-        sxd,
-        eps,
-        BLOCK_T=BLOCK_T,
-        BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_D <= 2048 else 8,
-    )
+    with _device_guard(x.device):
+        _gather_layer_norm_fwd_kernel[grid](
+            x,
+            index,
+            out,
+            T,
+            D,
+            n_x,
+            sxb,
+            sxn,
+            sxd,
+            eps,
+            BLOCK_T=BLOCK_T,
+            BLOCK_D=BLOCK_D,
+            num_warps=4 if BLOCK_D <= 2048 else 8,
+        )
     return out
 
 
