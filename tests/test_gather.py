@@ -155,6 +155,20 @@ def test_backward_many_duplicates(dtype, device):
         assert err <= 2 * err_ref, (err, err_ref)
 
 
+def test_backward_of_sum_stride0_grad(device):
+    """out.sum() hands the backward an expanded (all strides 0) gradient."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 24, generator=gen).to(device)
+    pos = torch.randn(6, 24, generator=gen).to(device)
+    index = torch.tensor([0, 7, 7, 11], device=device)
+    grads = []
+    for fn in (_tri, _ref):
+        xr, pr = x.clone().requires_grad_(True), pos.clone().requires_grad_(True)
+        fn(xr, index, pr).sum().backward()
+        grads.append((xr.grad, pr.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_backward_deterministic(device):
     gen = torch.Generator().manual_seed(5)
     index = torch.randint(0, 20, (40,), generator=gen).to(device)
