@@ -100,10 +100,13 @@ def run_impl(impl, qkv, do, lens, max_seqlen, layout):
     return (o.detach(), *grads)
 
 
-def check_against_fp64(impl, lens, heads, head_dim, dtype, layout="strided", max_seqlen=None, seed=0):
+def check_against_fp64(impl, lens, heads, head_dim, dtype, layout="strided", max_seqlen=None, seed=0,
+                       qk_offset=0.0):
     gen = torch.Generator().manual_seed(seed)
     total = sum(lens)
     qkv64 = torch.randn(total, 3, heads, head_dim, generator=gen, dtype=torch.float64).to(DEVICE)
+    qkv64[:, 0] += qk_offset  # q.k ~ -qk_offset^2 * Dh: every score far below 0
+    qkv64[:, 1] -= qk_offset
     do64 = torch.randn(total, heads, head_dim, generator=gen, dtype=torch.float64).to(DEVICE)
     scale = head_dim**-0.5
     truth = loop_results(qkv64, do64, lens, scale)
@@ -153,6 +156,13 @@ def test_layouts(impl, layout):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_max_seqlen_larger_than_longest(impl):
     check_against_fp64(impl, [5, 0, 37], heads=1, head_dim=16, dtype=torch.float32, max_seqlen=100)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter warns on any inf/NaN formed
+@pytest.mark.parametrize("impl", IMPLS)
+def test_very_negative_scores_stay_finite(impl):
+    # log2-sum-exp near -190: exp2(0 - lse) overflows fp32 in padded lanes unless they are masked
+    check_against_fp64(impl, [5, 0, 3], heads=1, head_dim=16, dtype=torch.float32, qk_offset=5.0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

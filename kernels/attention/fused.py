@@ -179,8 +179,9 @@ def _varlen_attn_bwd_dkdv_kernel(
         lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
-        pT = tl.exp2(sT - lse[None, :])
-        pT = tl.where(mask_m[None, :], pT, 0.0)  # padded query columns contribute nothing
+        # padded rows/columns -> exp2(-inf) = 0: a padded key row (k = 0) would otherwise give
+        # exp2(0 - lse), which overflows for lse < -128
+        pT = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], sT - lse[None, :], float("-inf")))
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
         dsT = pT * (dpT - delta[None, :])
@@ -245,8 +246,8 @@ def _varlen_attn_bwd_dq_kernel(
         vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None] * stride_vd,
                      mask=mask_dn, other=0.0)  # [BD, BN]
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)  # padded key columns contribute nothing
+        # padded key columns -> exp2(-inf) = 0; exp2(0 - lse) would overflow for lse < -128
+        p = tl.exp2(tl.where(mask_n[None, :], s - lse[:, None], float("-inf")))
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # [BM, BN]
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
