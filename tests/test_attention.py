@@ -153,6 +153,19 @@ def test_layouts(impl, layout):
     check_against_fp64(impl, [7, 0, 40, 1], heads=2, head_dim=16, dtype=torch.float16, layout=layout)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA the GPU tables run natively in every test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_gpu_block_table_under_interpreter(monkeypatch, dtype, head_dim):
+    # the interpreter normally uses its own small tiles; run the GPU table's tile shapes
+    # (fp16: fwd 128x64, dk/dv 128x32 or 64x32, dq 128x32 or 64x32; fp32: 64x32) through it once
+    block_d = fused._block_d(head_dim)
+    interp_tiles = fused._config("fwd", block_d, dtype)
+    monkeypatch.setattr(fused, "_interpreting", lambda: False)
+    assert all(fused._config(kind, block_d, dtype) != interp_tiles for kind in ("fwd", "dkdv", "dq"))
+    check_against_fp64("triton", [1, 130, 0, 63], heads=1, head_dim=head_dim, dtype=dtype)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_max_seqlen_larger_than_longest(impl):
     check_against_fp64(impl, [5, 0, 37], heads=1, head_dim=16, dtype=torch.float32, max_seqlen=100)
