@@ -319,6 +319,16 @@ def test_triton_bf16_on_cpu_is_refused():
         varlen_attention(**args, impl="triton")
 
 
+def test_triton_rejects_float64_and_too_many_sequences():
+    args = _args(dtype=torch.float64)
+    with pytest.raises(ValueError, match="q dtype"):
+        varlen_attention(**args, impl="triton")
+    empty = torch.zeros(0, 1, 16, device=DEVICE)
+    cu = torch.zeros(fused.MAX_SEQUENCES + 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_attention(empty, empty, empty, cu, 0, impl="triton")
+
+
 # ------------------------------------------------------------------------------- custom ops
 
 

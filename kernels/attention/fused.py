@@ -267,10 +267,11 @@ def _block_d(head_dim: int) -> int:
 
 
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps per kernel, keyed by padded head dim and dtype.
+    """Tile sizes and warps for one kernel ("fwd" | "dkdv" | "dq"), keyed by padded head dim and dtype.
 
-    kind: "fwd" -> (BLOCK_M, BLOCK_N) query/key tile; "dkdv" -> key tile BLOCK_N with query
-    tile BLOCK_M; "dq" -> query tile BLOCK_M with key tile BLOCK_N.
+    BLOCK_M is always the query tile and BLOCK_N the key tile. A program owns one query tile
+    (fwd, dq) or one key tile (dkdv) and loops over the other, so the owned tile is the big one.
+    A fixed table, not autotuned: not yet tuned on a GPU.
     """
     if _interpreting():
         # numpy executes each program: few, mid-sized tiles keep the test suite fast
