@@ -1,8 +1,18 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, then renamed into place."""
+"""Atomic checkpoints: written to a temporary file in the same folder, then renamed into place.
+
+A run folder keeps its last K checkpoints as `checkpoint-<step>.pt` and `checkpoint.pt`, a hard
+link to the newest one (a copy where the filesystem has no hard links). Every file is written
+under a temporary name and renamed into place, so a kill at any moment, even mid-save, leaves
+every checkpoint that already existed intact; the only debris is a `.*.tmp` file, removed on
+the next start.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +35,22 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -44,3 +69,84 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"{path}: checkpoint format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa"
         )
     return state
+
+
+LATEST = "checkpoint.pt"
+_STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
+log = logging.getLogger("ajepa")
+
+
+class CheckpointDir:
+    """A run folder's checkpoints: `checkpoint-<step>.pt` (the last `keep_last`; 0 keeps all) and
+    `checkpoint.pt`, the newest."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 3):
+        self.folder, self.keep_last = Path(folder), keep_last
+
+    @property
+    def latest_path(self) -> Path:
+        return self.folder / LATEST
+
+    def step_path(self, step: int) -> Path:
+        return self.folder / f"checkpoint-{step:08d}.pt"
+
+    def steps(self) -> list[int]:
+        """Steps of the numbered checkpoints on disk, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _STEP_FILE.match(p.name)))
+
+    def exists(self) -> bool:
+        return self.latest_path.exists() or bool(self.steps())
+
+    def remove_partial(self) -> list[Path]:
+        """Delete temporary files left by a save that was killed; returns them."""
+        stale = [p for p in self.folder.glob(".checkpoint*.tmp") if p.is_file()] if self.folder.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    def save(self, state: dict, step: int) -> Path:
+        """Write checkpoint-<step>.pt, point checkpoint.pt at it, then drop numbered ones beyond keep_last."""
+        path = save_checkpoint(state, self.step_path(step))
+        self._link_latest(path)
+        if self.keep_last:
+            for old in self.steps()[: -self.keep_last]:
+                if old != step:
+                    self.step_path(old).unlink(missing_ok=True)
+        return path
+
+    def _link_latest(self, path: Path) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            try:
+                os.link(path, tmp)
+            except OSError:  # no hard links here: a copy, still renamed into place atomically
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, self.latest_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.folder)
+
+    def load_latest(self, map_location="cpu") -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads, trying numbered ones newest first, then checkpoint.pt.
+
+        Returns None if the folder holds none. A file that fails to load is reported and skipped,
+        never deleted.
+        """
+        candidates = [self.step_path(s) for s in reversed(self.steps())] + [self.latest_path]
+        errors = []
+        for path in candidates:
+            if not path.is_file():
+                continue
+            try:
+                return load_checkpoint(path, map_location), path
+            except ValueError as exc:
+                log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
+                errors.append(str(exc))
+        if errors:
+            raise ValueError(f"{self.folder}: no readable checkpoint ({'; '.join(errors)})")
+        return None

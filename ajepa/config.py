@@ -19,6 +19,7 @@ import yaml
 IMPLS = ("auto", "triton", "reference")
 MASK_MODES = ("curriculum", "multiblock", "tf")
 LOSSES = ("l2", "smooth_l1")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,7 @@ class DataConfig:
     path: str | None = None  # audio folder or .csv/.jsonl manifest; None = built-in synthetic corpus
     synth_clips: int = 512
     random_crop: bool = True  # crop long clips at a random (seeded) offset, else from the start
+    strict: bool = False  # a bad audio file is fatal (else it is skipped, logged once and counted)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 10
     ckpt_every: int = 1000
+    keep_last: int = 3  # checkpoints kept (checkpoint-<step>.pt); 0 keeps every one
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) | "fsdp" (FSDP2 fully_shard)
 
 
 @dataclass(frozen=True)
@@ -317,8 +322,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.impl={t.impl!r}; choose one of {IMPLS}")
     if t.steps < 1 or t.batch_size < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.num_workers < 0:
         raise ConfigError("train.steps, batch_size, log_every, ckpt_every must be >= 1 and num_workers >= 0")
+    if t.keep_last < 0 or t.max_bad_steps < 1:
+        raise ConfigError(f"train.keep_last={t.keep_last} must be >= 0 and train.max_bad_steps={t.max_bad_steps} >= 1")
+    if t.parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel={t.parallel!r}; choose one of {PARALLEL}")
     if cfg.data.synth_clips < 1:
         raise ConfigError("data.synth_clips must be >= 1")
     if a.norm_std <= 0:
         raise ConfigError(f"audio.norm_std={a.norm_std} must be > 0")
     return cfg
+
+
+def check_world_size(cfg: Config, world: int) -> None:
+    """train.batch_size is the global batch: it must split evenly over `world` ranks."""
+    if cfg.train.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
+            f"world size {world}; choose a multiple of {world}"
+        )

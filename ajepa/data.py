@@ -245,19 +245,68 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return max(0, self.steps - self.start)
 
 
-class StepDataset(torch.utils.data.Dataset):
-    """(step, i) -> (spectrogram, label, step); crops are seeded by (seed, step, i)."""
+MAX_SUBSTITUTE_TRIES = 64
 
-    def __init__(self, base: SpecDataset, seed: int = 0):
-        self.base, self.seed = base, seed
+
+class StepDataset(torch.utils.data.Dataset):
+    """(step, i) -> (spectrogram, label, step, bad); crops are seeded by (seed, step, i).
+
+    A clip that cannot be read (corrupt, empty, zero-length, NaN/Inf, unsupported format) is
+    replaced by another clip drawn from a generator seeded by (seed, step, i), so batches stay full
+    and the same on every run; `bad` lists ((path, reason), ...) for the clips replaced. Known-bad
+    clips are remembered and never decoded twice. With `strict`, the first bad clip raises.
+    """
+
+    def __init__(self, base: SpecDataset, seed: int = 0, strict: bool = False):
+        self.base, self.seed, self.strict = base, seed, strict
+        self._bad: dict[int, str] = {}  # index -> reason, per process (each loader worker has its own)
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _name(self, i: int) -> str:
+        paths = getattr(self.base, "paths", None)
+        return str(paths[i]) if paths is not None else f"item {i}"
+
+    def _load(self, step: int, i: int) -> torch.Tensor | None:
+        """The clip's spectrogram, or None (and remembered as bad) if it cannot be read."""
+        if i in self._bad:
+            return None
+        gen = torch.Generator().manual_seed(hash((self.seed, step, i)) & 0x7FFFFFFF)
+        try:
+            spec = self.base.spectrogram(i, gen)
+            if not torch.isfinite(spec).all():
+                raise AudioError("spectrogram holds NaN or Inf values")
+            return spec
+        except (AudioError, RuntimeError, ValueError, OSError) as exc:
+            name = self._name(i)
+            reason = str(exc).removeprefix(f"{name}: ")
+            if self.strict:
+                raise AudioError(f"{name}: {reason} (data.strict / --strict: a bad file is fatal)") from exc
+            self._bad[i] = f"{type(exc).__name__}: {reason}"
+            return None
+
     def __getitem__(self, key: tuple[int, int]):
         step, i = key
-        gen = torch.Generator().manual_seed(hash((self.seed, step, i)) & 0x7FFFFFFF)
-        return self.base.spectrogram(i, gen), self.base.labels[i], step
+        spec = self._load(step, i)
+        if spec is not None:
+            return spec, self.base.labels[i], step, ()
+        bad = [(self._name(i), self._bad[i])]
+        n = len(self.base)
+        rng = np.random.default_rng([self.seed, step, i, 0x5B1F])
+        for _ in range(MAX_SUBSTITUTE_TRIES):
+            if len(self._bad) >= n:
+                break
+            j = int(rng.integers(n))
+            spec = self._load(step, j)
+            if spec is not None:
+                return spec, self.base.labels[j], step, tuple(bad)
+            if (self._name(j), self._bad[j]) not in bad:
+                bad.append((self._name(j), self._bad[j]))
+        raise AudioError(
+            f"no readable audio: {len(self._bad)} of {n} files failed to load so far, and "
+            f"{MAX_SUBSTITUTE_TRIES} substitutes for {self._name(i)} were all bad (last: {bad[-1][0]}: {bad[-1][1]})"
+        )
 
 
 @dataclass
@@ -266,17 +315,26 @@ class Batch:
     labels: torch.Tensor  # int64 [B], -1 where unlabelled
     step: int
     masks: PackedMasks
+    target_count: torch.Tensor | None = None  # float32 [] number of target tokens (for the global loss mean)
+    bad: tuple[tuple[str, str], ...] = ()  # (file, reason) for each bad clip met while building the batch
+    skipped: int = 0  # samples of this batch that were replaced because their clip was bad
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        count = self.target_count
         return Batch(
             self.spec.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.step,
             self.masks.to(device, non_blocking=non_blocking),
+            None if count is None else count.to(device, non_blocking=non_blocking),
+            self.bad,
+            self.skipped,
         )
 
-    def pin_memory(self) -> "Batch":
-        return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory())
+    def pin_memory(self) -> Batch:
+        count = None if self.target_count is None else self.target_count.pin_memory()
+        return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory(),
+                     count, self.bad, self.skipped)
 
 
 class MaskCollator:
@@ -286,16 +344,22 @@ class MaskCollator:
         self.sampler = sampler
 
     def __call__(self, items) -> Batch:
-        specs, labels, steps = zip(*items)
+        specs, labels, steps, bads = zip(*items)
         step = steps[0]
-        return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, self.sampler(step, len(items)))
+        masks = self.sampler(step, len(items))
+        count = torch.tensor(float(masks.tgt_index.numel()))
+        bad = tuple(dict.fromkeys(b for group in bads for b in group))
+        return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
+                     sum(1 for group in bads if group))
 
 
 def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, steps: int, seed: int,
-                start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False):
+                start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                strict: bool = False):
+    """Batches of `batch_size` samples (this rank's share) for steps start_step..steps-1."""
     batches = StepBatchSampler(len(dataset), batch_size, steps, seed, start_step, rank, world)
     return torch.utils.data.DataLoader(
-        StepDataset(dataset, seed),
+        StepDataset(dataset, seed, strict),
         batch_sampler=batches,
         collate_fn=MaskCollator(sampler),
         num_workers=num_workers,
@@ -310,6 +374,7 @@ __all__ = [
     "Batch",
     "MaskCollator",
     "StepBatchSampler",
+    "StepDataset",
     "SyntheticDataset",
     "build_dataset",
     "make_loader",

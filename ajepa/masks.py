@@ -11,7 +11,8 @@ the batch (as I-JEPA's collator does). The batch is packed instead, with cu_seql
     outputs/targets : pred_out_index [T_tgt] rows of the predictor sequence that are targets,
                       tgt_index [T_tgt] the same tokens as flat b*N + n
 
-Masks are a pure function of (seed, step, rank): a resumed run draws the same masks.
+Masks are a pure function of (seed, step, rank): a resumed run draws the same masks, and W ranks
+of B samples draw the masks of one process with W*B samples.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class PackedMasks:
     num_patches: int
     use_tf: bool
 
-    def to(self, device, non_blocking: bool = False) -> "PackedMasks":
+    def to(self, device, non_blocking: bool = False) -> PackedMasks:
         moved = {
             f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
             for f in fields(self)
@@ -127,7 +128,7 @@ class PackedMasks:
         }
         return PackedMasks(**moved)
 
-    def pin_memory(self) -> "PackedMasks":
+    def pin_memory(self) -> PackedMasks:
         return PackedMasks(
             **{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
         )
@@ -194,7 +195,14 @@ class MaskSampler:
         return curriculum_prob(step, self.total_steps, self.cfg.curriculum_c0)
 
     def __call__(self, step: int, batch_size: int) -> PackedMasks:
-        rng = np.random.default_rng([self.seed, self.rank, step, 0x6A657061])
-        use_tf = bool(rng.random() < self.tf_probability(step))
-        per_sample = [sample_masks(rng, self.grid, self.cfg, use_tf) for _ in range(batch_size)]
+        # The mask kind is drawn once per step for every rank, and each sample's masks from its
+        # position in the step's global batch (rank r holds positions r*B .. r*B+B-1). So a run on
+        # W ranks of B samples draws exactly the masks of one process with a batch of W*B, and a
+        # checkpoint can resume at another world size with the same mask stream.
+        use_tf = bool(np.random.default_rng([self.seed, step, 0x6A657061]).random() < self.tf_probability(step))
+        first = self.rank * batch_size
+        per_sample = [
+            sample_masks(np.random.default_rng([self.seed, step, first + j, 0x6A657061]), self.grid, self.cfg, use_tf)
+            for j in range(batch_size)
+        ]
         return pack_masks(per_sample, self.grid[0] * self.grid[1], use_tf)
