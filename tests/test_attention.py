@@ -80,13 +80,21 @@ def loop_results(qkv, do, lens, scale):
 
 def run_impl(impl, qkv, do, lens, max_seqlen, layout):
     """(o, dq, dk, dv) of the library op. layout: "separate" contiguous q/k/v tensors,
-    "strided" qkv.unbind(1) views, or "packed" varlen_attention_qkvpacked."""
+    "strided" qkv.unbind(1) views, "dh_strided" views with stride(-1) != 1, or "packed"
+    varlen_attention_qkvpacked."""
     cu = cu_of(lens, qkv.device)
     if layout == "separate":
         q, k, v = (t.contiguous().requires_grad_() for t in qkv.detach().unbind(1))
         o = varlen_attention(q, k, v, cu, max_seqlen, impl=impl)
         o.backward(do)
         grads = (q.grad, k.grad, v.grad)
+    elif layout == "dh_strided":  # stride(-1) != 1: [T, Dh, H] storage seen as [T, H, Dh]
+        leaves = [t.transpose(1, 2).contiguous().requires_grad_() for t in qkv.detach().unbind(1)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        assert q.stride(-1) == q.shape[1]
+        o = varlen_attention(q, k, v, cu, max_seqlen, impl=impl)
+        o.backward(do)
+        grads = tuple(t.grad.transpose(1, 2) for t in leaves)
     else:
         leaf = qkv.detach().clone().requires_grad_()
         if layout == "strided":
@@ -148,7 +156,7 @@ def test_head_dims_and_heads(impl, heads, head_dim):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layout", ["separate", "strided", "packed"])
+@pytest.mark.parametrize("layout", ["separate", "strided", "dh_strided", "packed"])
 def test_layouts(impl, layout):
     check_against_fp64(impl, [7, 0, 40, 1], heads=2, head_dim=16, dtype=torch.float16, layout=layout)
 

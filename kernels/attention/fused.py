@@ -318,9 +318,31 @@ def check_supported(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_launch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, **more: Tensor) -> None:
+    """Metadata the kernels rely on (no device sync): ValueError naming the argument.
+
+    Any strides work, the Dh stride included (the kernels take all three strides).
+    """
+    if q.dim() != 3 or not 1 <= q.shape[-1] <= 128:
+        raise ValueError(f"varlen_attention: q must be [T, H, Dh] with Dh <= 128, got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), *more.items()):
+        want = (q.shape[1], q.shape[0]) if name == "lse" else tuple(q.shape)
+        if tuple(t.shape) != want or t.device != q.device:
+            raise ValueError(f"varlen_attention: {name} must be {want} on {q.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
+        if name != "lse" and t.dtype != q.dtype:
+            raise ValueError(f"varlen_attention: {name} dtype {t.dtype} != q dtype {q.dtype}")
+    if "lse" in more and more["lse"].dtype != torch.float32:
+        raise ValueError(f"varlen_attention: lse must be float32, got {more['lse'].dtype}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
+        raise ValueError("varlen_attention: cu_seqlens must be a 1-D int32 tensor on q's device")
+    check_supported(q, k, v, cu_seqlens)
+
+
 def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                     scale: float) -> tuple[Tensor, Tensor]:
     """q, k, v [T, H, Dh] (strided) -> (o [T, H, Dh] contiguous, lse fp32 [H, T], base 2)."""
+    _check_launch(q, k, v, cu_seqlens)
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
     o = _new((total, heads, head_dim), q.dtype, q.device)
@@ -345,6 +367,7 @@ def varlen_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
                     cu_seqlens: Tensor, max_seqlen: int, scale: float,
                     dq: Tensor, dk: Tensor, dv: Tensor) -> None:
     """Writes dq, dk, dv ([T, H, Dh], any strides, preallocated) from do [T, H, Dh] and lse [H, T]."""
+    _check_launch(q, k, v, cu_seqlens, do=do, o=o, lse=lse, dq=dq, dk=dk, dv=dv)
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
     if total == 0 or nseq == 0 or max_seqlen == 0:  # nothing to attend (T == 0 when inputs are valid)
