@@ -2,7 +2,7 @@
 
 Layout: q, k, v, o, do: [T, H, Dh] read through their strides (qkv.unbind(1) views work, no copy).
 LSE and delta: fp32 [H, T]. The LSE is kept in base 2 (log2 of the sum of exp2 of the
-log2(e)-scaled scores) so the backward recomputes P with exactly the forward's arithmetic.
+log2(e)-scaled scores) so the backward recomputes P = exp2(s * qk_scale - lse) with no conversion.
 
 Grid of every per-sequence kernel: (cdiv(max_seqlen, BLOCK), H, S); a program reads its
 sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end.
@@ -13,6 +13,7 @@ query block loops over key blocks; no atomics.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -294,6 +295,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _on_device_of(t: Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' one
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 def _new(shape, dtype, device) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -352,14 +358,15 @@ def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
     block_d = _block_d(head_dim)
     cfg = _config("fwd", block_d, q.dtype)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
-    _varlen_attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens,
-        scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(),
-        o.stride(0), o.stride(1),
-        lse.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
-    )
+    with _on_device_of(q):
+        _varlen_attn_fwd_kernel[grid](
+            q, k, v, o, lse, cu_seqlens,
+            scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(),
+            o.stride(0), o.stride(1),
+            lse.stride(0),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        )
     return o, lse
 
 
@@ -374,8 +381,15 @@ def varlen_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
         for g in (dq, dk, dv):
             g.zero_()
         return
+    with _on_device_of(q):
+        _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
+
+
+def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:
+    total, heads, head_dim = q.shape
+    nseq = cu_seqlens.numel() - 1
     block_d = _block_d(head_dim)
-    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)
+    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
     block_t = 64
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
         o, do, delta, total, *o.stride(), *do.stride(), delta.stride(0),
