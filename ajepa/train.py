@@ -310,7 +310,8 @@ def _allreduce(values: list[float], device: torch.device, op) -> list[float]:
 # ---------------------------------------------------------------------------- training
 
 
-def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> TrainResult:
+def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> TrainResult:
     """Train `cfg` into folder `out`. `resume` continues from the newest checkpoint in `out`;
     `max_steps` stops early (the schedules still span train.steps), as a kill would.
 
@@ -349,7 +350,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
             start = int(state["step"])
             counters.update(state.get("counters", {}))
     elif ckpts.exists():
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in ckpts.remove_partial():
@@ -357,7 +359,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
         save_config(cfg, out / "config.yaml")
 
     wrapped = wrap_model(model, cfg, info, device)
-    sharded = is_sharded(model)
+    sharded = info.world > 1 and is_sharded(model)
     opt, fused = make_optimizer(model, cfg)
     if state is not None:
         load_optimizer_state(model, opt, state["optimizer"])
