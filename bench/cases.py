@@ -1,0 +1,69 @@
+"""Benchmark shapes, taken from the real mask sampler.
+
+On a GPU: the base preset (ViT-B encoder 12 heads x 64, predictor 16 heads x 32), batch 128.
+On the CPU: the tiny preset at batch 8, so the torch peers run in seconds (GPU-only cases skip).
+Environment overrides: AJEPA_BENCH_PRESET, AJEPA_BENCH_BATCH, AJEPA_BENCH_MASKS (comma list of
+mask modes, default "multiblock,tf"), AJEPA_BENCH_REP_MS (do_bench repetition time, default 100).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ajepa.config import Config, apply_overrides, get_preset
+from ajepa.masks import MaskSampler, PackedMasks
+
+MASK_MODES = ("multiblock", "tf")
+
+
+@dataclass(frozen=True)
+class Scale:
+    preset: str
+    batch_size: int
+    modes: tuple[str, ...]
+    rep_ms: float
+    warmup_ms: float
+
+
+def bench_scale(device: torch.device) -> Scale:
+    cuda = device.type == "cuda"
+    preset = os.environ.get("AJEPA_BENCH_PRESET") or ("base" if cuda else "tiny")
+    batch = int(os.environ.get("AJEPA_BENCH_BATCH") or (128 if cuda else 8))
+    modes = tuple(
+        m.strip() for m in (os.environ.get("AJEPA_BENCH_MASKS") or ",".join(MASK_MODES)).split(",") if m.strip()
+    )
+    for m in modes:
+        if m not in MASK_MODES:
+            raise ValueError(f"AJEPA_BENCH_MASKS: unknown mask mode {m!r} (choose from {MASK_MODES})")
+    rep = float(os.environ.get("AJEPA_BENCH_REP_MS") or (100 if cuda else 60))
+    return Scale(preset, batch, modes, rep, 25.0 if cuda else 0.0)
+
+
+@functools.lru_cache(maxsize=16)
+def config_for(preset: str, mode: str) -> Config:
+    return apply_overrides(get_preset(preset), [f"masks.mode={mode}"])
+
+
+@functools.lru_cache(maxsize=16)
+def masks_for(preset: str, mode: str, batch_size: int, step: int = 0, seed: int = 0) -> PackedMasks:
+    """One batch of real per-sample masks (CPU tensors) from the sampler the trainer uses."""
+    cfg = config_for(preset, mode)
+    return MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, seed)(step, batch_size)
+
+
+def lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    cu = cu_seqlens.tolist()
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (the training dtype under autocast); fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one command, sized for a short rationed lease (under 8 minutes on one H100):
+#   1. kernel tests natively (tests/test_gather.py, test_attention.py, test_ema.py)
+#   2. the fused-path parity test (tests/test_fused_path.py), when present and importable
+#   3. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
+#   4. the end-to-end step benchmark (tiny + base, reference + triton, bf16)
+#   5. one merged JSON and the Markdown table, printed last
+# Run from anywhere: `bash bench/device.sh`. Runs from the source tree (PYTHONPATH=., no pip install).
+# Output goes to $OUT when set (the device machine's return folder), else bench/results/:
+#   device.log, one JSON per benchmark section, and the merged *_all.json (at most 6 files, no subfolders).
+# Wheels in .whl/ (e.g. xformers 0.0.35, see bench/README.md) are installed into /tmp/site first.
+# Set AJEPA_COMMIT=<sha> to record the commit where no .git travels with the tree.
+# Every section runs under `timeout`, so one slow part cannot eat the others' time.
+# SECTIONS=env,bench-step (comma list) runs only those sections (e.g. a CPU dry run of the plumbing).
+
+set -u
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-bench/results}"
+mkdir -p "$OUT_DIR"
+export OUT="$OUT_DIR" PYTHONUNBUFFERED=1
+LOG="$OUT_DIR/device.log"
+: >"$LOG"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+SUMMARY=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+section() {  # section NAME SECONDS COMMAND...
+    local name=$1 limit=$2 start rc
+    shift 2
+    if [ -n "${SECTIONS:-}" ] && [[ ",$SECTIONS," != *",$name,"* ]]; then
+        SUMMARY+=("$name: not selected (SECTIONS=$SECTIONS)")
+        return
+    fi
+    start=$(date +%s)
+    log ""
+    log "=== $name (budget ${limit}s, at +$((start - T0))s): $*"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && log "=== $name: TIMED OUT after ${limit}s (partial results kept)"
+    log "=== $name: rc=$rc in $(($(date +%s) - start))s"
+    SUMMARY+=("$name: rc=$rc, $(($(date +%s) - start))s of ${limit}s")
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    log "installing carried wheels: $(ls .whl)"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        2>&1 | tee -a "$LOG"; then
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    else
+        log "wheel install failed: continuing without them"
+    fi
+fi
+
+section env 15 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv; \
+    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name())'; \
+    $PY -c 'import xformers; print(\"xformers\", xformers.__version__)' 2>&1 | tail -1"
+
+section kernel-tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gather.py tests/test_attention.py tests/test_ema.py
+
+if [ -f tests/test_fused_path.py ]; then
+    if [ -n "${SECTIONS:-}" ] && [[ ",$SECTIONS," != *",fused-path-test,"* ]]; then
+        SUMMARY+=("fused-path-test: not selected (SECTIONS=$SECTIONS)")
+    elif "$PY" -c "import soundfile" 2>/dev/null; then
+        section fused-path-test 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_path.py
+    else
+        log ""
+        log "=== fused-path-test: SKIPPED: tests/test_fused_path.py imports ajepa.data, which needs soundfile (absent"
+        log "    here; carry the soundfile, cffi and pycparser wheels in .whl/, see bench/README.md)"
+        SUMMARY+=("fused-path-test: skipped (no soundfile)")
+    fi
+fi
+
+section bench-gather-ema 55 "$PY" -m pytest -q -p no:cacheprovider bench/test_gather.py bench/test_ema.py
+section bench-attention 115 "$PY" -m pytest -q -p no:cacheprovider bench/test_attention.py
+section bench-step 105 "$PY" -m bench.step --no-progress
+
+log ""
+log "=== summary (total $(($(date +%s) - T0))s before the report)"
+for line in "${SUMMARY[@]}"; do log "  $line"; done
+log ""
+# One merged JSON of this run, and its Markdown table as the last thing printed.
+timeout -k 5 20 "$PY" -m bench.report "$OUT_DIR"/*.json --write "$OUT_DIR" 2>&1 | tee -a "$LOG"

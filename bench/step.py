@@ -1,0 +1,407 @@
+"""End-to-end training-step benchmark: samples/s, tokens/s, peak memory and MFU, reference vs fused.
+
+    PYTHONPATH=. python -m bench.step                      # GPU: tiny + base, reference + triton, bf16
+    ajepa bench --preset base --batch-size 128 --steps 20  # the same through the CLI
+
+One step is what ajepa/train.py does per batch: forward under bf16 autocast (GPU), backward,
+gradient clipping, AdamW, EMA update of the target encoder. Inputs: random spectrograms (the data
+pipeline is not timed) and masks from the real sampler, drawn at steps spread over the run so the
+curriculum's mix of multiblock and time-frequency masks is represented; masks are moved to the
+device before timing, as the loader's prefetch would. GPU steps are timed with CUDA events, one
+pair per step; the reported step time is the median.
+
+MFU = model FLOPs per step / step time / bf16 matmul rate measured in the same run. Model FLOPs
+count matmuls only: linears and patch embedding (2 * tokens * in * out), attention
+4 * sum(s_i^2) * D per layer; backward = 2x forward for linears (1x for the patch embedding, whose
+input needs no gradient), 2.5x for attention; the target encoder runs forward only over all N tokens.
+Norms, elementwise work, the optimizer and the EMA are not counted.
+
+On the CPU the reference path still runs (tiny preset, a few steps), so a CPU user sees samples/s;
+the Triton path is skipped there (the interpreter is a test tool, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+
+from ajepa.config import Config, apply_overrides, get_preset
+from ajepa.masks import MaskSampler, PackedMasks
+from ajepa.model import AJEPA
+from bench import common
+
+GPU_BATCH = {"tiny": 1024, "small": 256, "base": 128}
+CPU_BATCH = 8
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def _lengths(cu: torch.Tensor) -> list[int]:
+    cu = cu.tolist()
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+
+def model_flops(cfg: Config, masks: PackedMasks) -> dict:
+    """Matmul FLOPs of one training step on this batch of masks (see the module docstring)."""
+    m = cfg.model
+    B, N = masks.batch_size, masks.num_patches
+    D, Dp, p = m.embed_dim, m.pred_dim, m.patch_size
+    hid, hid_p = int(D * m.mlp_ratio), int(Dp * m.mlp_ratio)
+    ctx, pred = _lengths(masks.cu_ctx), _lengths(masks.cu_pred)
+    t_ctx, t_pred, t_tgt = sum(ctx), sum(pred), masks.num_targets
+
+    def blocks(tokens: int, dim: int, hidden: int, depth: int) -> float:  # qkv, proj, fc1, fc2
+        return 2.0 * tokens * depth * (4 * dim * dim + 2 * dim * hidden)
+
+    def attention(lengths: list[int], dim: int, depth: int) -> float:  # QK^T and PV over all heads
+        return 4.0 * depth * sum(s * s for s in lengths) * dim
+
+    patch = 2.0 * B * N * p * p * D
+    target = patch + blocks(B * N, D, hid, m.depth) + attention([N] * B, D, m.depth)
+    enc_lin = blocks(t_ctx, D, hid, m.depth)
+    enc_attn = attention(ctx, D, m.depth)
+    pred_lin = 2.0 * t_ctx * D * Dp + blocks(t_pred, Dp, hid_p, m.pred_depth) + 2.0 * t_tgt * Dp * D
+    pred_attn = attention(pred, Dp, m.pred_depth)
+    train = target + 2 * patch + 3 * (enc_lin + pred_lin) + 3.5 * (enc_attn + pred_attn)
+    return {
+        "target_fwd": target,
+        "encoder_fwd": patch + enc_lin + enc_attn,
+        "predictor_fwd": pred_lin + pred_attn,
+        "train_step": train,
+        "ctx_tokens": t_ctx,
+        "pred_tokens": t_pred,
+        "tgt_tokens": t_tgt,
+    }
+
+
+# ---------------------------------------------------------------------------- one configuration
+
+
+@dataclass
+class StepResult:
+    preset: str
+    impl: str
+    batch_size: int
+    step_ms: list[float]
+    peak_mem_gib: float | None
+    flops_per_step: float
+    tokens_per_sample: int
+    final_loss: float
+    oom_retries: int
+    mask_steps: list[int]
+    tf_batches: int
+    ctx_tokens: float
+    pred_tokens: float
+
+
+def _param_groups(model: AJEPA) -> list[dict]:
+    try:
+        from ajepa.train import param_groups  # the trainer's own grouping
+
+        return param_groups(model)
+    except ImportError:  # ajepa.train pulls in the audio stack (soundfile), absent on some GPU images
+        decay = [p for p in model.trainable_parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.trainable_parameters() if p.ndim < 2]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_batches(cfg: Config, batch_size: int, distinct: int, device: torch.device, seed: int):
+    """`distinct` (step, spec, masks, flops) batches; masks from the real sampler at spread-out steps."""
+    sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(distinct):
+        step = i * cfg.train.steps // max(distinct, 1)
+        masks = sampler(step, batch_size)
+        flops = model_flops(cfg, masks)
+        spec = torch.randn(batch_size, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins, generator=gen)
+        out.append((step, spec.to(device), masks.to(device), flops))
+    return out
+
+
+def train_step(model: AJEPA, opt, spec, masks, amp, grad_clip: float, tau: float) -> torch.Tensor:
+    """The body of ajepa/train.py's loop (schedules aside: constant lr and tau)."""
+    with amp:
+        loss = model(spec, masks)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(model.trainable_parameters()), grad_clip)
+    opt.step()
+    model.update_target(tau)
+    return loss.detach()
+
+
+def run_one(
+    cfg: Config,
+    preset: str,
+    impl: str,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    distinct: int,
+    warmup: int | None,
+    seed: int,
+    progress: bool,
+) -> StepResult:
+    from tqdm import tqdm
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(seed)
+    model = AJEPA(cfg, impl=impl).to(device)
+    opt = torch.optim.AdamW(
+        _param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.train.amp) else nullcontext()
+    batches = make_batches(cfg, batch_size, distinct, device, seed)
+    warmup = len(batches) if warmup is None else warmup
+    tau = cfg.optim.ema_start
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(
+        total=warmup + steps,
+        desc=f"{preset}/{impl} B={batch_size}",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
+    loss = None
+    try:
+        for i in range(warmup):  # every distinct batch once: every kernel specialization compiles here
+            _, spec, masks, _ = batches[i % len(batches)]
+            loss = train_step(model, opt, spec, masks, amp, cfg.optim.grad_clip, tau)
+            bar.update(1)
+        common.synchronize(device)
+        times, used = [], []
+        if cuda:
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
+            ]
+        for i in range(steps):
+            b = batches[i % len(batches)]
+            used.append(b)
+            if cuda:
+                events[i][0].record()
+                loss = train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau)
+                events[i][1].record()
+            else:
+                t0 = time.perf_counter()
+                loss = train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau)
+                times.append((time.perf_counter() - t0) * 1e3)
+            bar.update(1)
+        common.synchronize(device)
+        if cuda:
+            times = [s.elapsed_time(e) for s, e in events]
+    finally:
+        bar.close()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    final_loss = float(loss) if loss is not None else float("nan")
+    flops = statistics.fmean(b[3]["train_step"] for b in used) if used else 0.0
+    return StepResult(
+        preset=preset,
+        impl=impl,
+        batch_size=batch_size,
+        step_ms=times,
+        peak_mem_gib=peak,
+        flops_per_step=flops,
+        tokens_per_sample=cfg.num_patches,
+        final_loss=final_loss,
+        oom_retries=0,
+        mask_steps=[b[0] for b in batches],
+        tf_batches=sum(int(b[2].use_tf) for b in batches),
+        ctx_tokens=statistics.fmean(b[3]["ctx_tokens"] for b in batches),
+        pred_tokens=statistics.fmean(b[3]["pred_tokens"] for b in batches),
+    )
+
+
+def run_with_oom_retry(cfg, preset, impl, batch_size, device, **kw) -> StepResult:
+    """Halve the batch on CUDA out-of-memory until it fits (the record says how often)."""
+    retries = 0
+    while True:
+        try:
+            res = run_one(cfg, preset, impl, batch_size, device, **kw)
+            res.oom_retries = retries
+            return res
+        except torch.cuda.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            retries += 1
+            print(
+                f"[step] {preset}/{impl}: out of memory at batch {batch_size}; retrying at {batch_size // 2}",
+                flush=True,
+            )
+            batch_size //= 2
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def to_record(res: StepResult, floors: common.Floors, dtype: str) -> common.Record:
+    ms = statistics.median(res.step_ms)
+    sps = res.batch_size / (ms * 1e-3)
+    rec = common.make_record(
+        "step",
+        f"{res.preset} B={res.batch_size} {dtype}",
+        "train-step",
+        res.impl,
+        ms,
+        floors,
+        flops=res.flops_per_step,
+        preset=res.preset,
+        batch_size=res.batch_size,
+        samples_per_s=sps,
+        tokens_per_s=sps * res.tokens_per_sample,
+        peak_mem_gib=res.peak_mem_gib,
+        mean_ms=statistics.fmean(res.step_ms),
+        step_ms=res.step_ms,
+        steps_timed=len(res.step_ms),
+        final_loss=res.final_loss if math.isfinite(res.final_loss) else None,
+        oom_retries=res.oom_retries,
+        mask_steps=res.mask_steps,
+        tf_batches=res.tf_batches,
+        ctx_tokens_per_step=res.ctx_tokens,
+        pred_tokens_per_step=res.pred_tokens,
+        tokens_per_sample=res.tokens_per_sample,
+    )
+    rec.extra["mfu_pct"] = rec.pct_of_floor  # FLOPs only: the floor is the matmul time, so this is MFU
+    return rec
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return common.bench_device()
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        torch.cuda.set_device(device)
+    presets = args.preset or (["tiny", "base"] if cuda else ["tiny"])
+    impls = args.impl or (["reference", "triton"] if cuda else ["reference"])
+    steps = args.steps if args.steps is not None else (10 if cuda else 3)
+    distinct = args.distinct if args.distinct is not None else (4 if cuda else 2)
+    if steps < 1 or distinct < 1 or (args.warmup is not None and args.warmup < 0):
+        raise ValueError("--steps and --distinct must be >= 1, --warmup >= 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    configs = {name: apply_overrides(get_preset(name), list(args.overrides)) for name in presets}
+    dtype = "bf16" if cuda else "fp32"
+    info = common.device_info(device)
+    created = datetime.now(timezone.utc)
+    print(
+        f"[step] {info['name']} ({device.type}); presets {presets}; impls {impls}; {steps} timed steps over "
+        f"{distinct} mask batches; {dtype}",
+        flush=True,
+    )
+    floors = common.measure_floors(device)
+    print(
+        f"[step] floors: copy {floors.copy_gbps:.0f} GB/s, {floors.matmul_dtype} matmul "
+        f"{floors.matmul_tflops:.3g} TFLOP/s",
+        flush=True,
+    )
+    records, skipped = [], []
+    path = None if args.no_json else common.result_path("step", info["name"], created, args.out or common.out_dir())
+
+    def save():
+        payload = common.build_payload(
+            "step",
+            records,
+            floors,
+            info,
+            skipped,
+            created=created,
+            config={
+                "presets": presets,
+                "impls": impls,
+                "steps": steps,
+                "distinct": distinct,
+                "warmup": args.warmup,
+                "dtype": dtype,
+                "seed": args.seed,
+                "overrides": list(args.overrides),
+                "device": str(device),
+            },
+        )
+        if path is not None:
+            common.write_json(payload, path)
+        return payload
+
+    for preset in presets:
+        cfg = configs[preset]
+        batch = args.batch_size if args.batch_size is not None else (GPU_BATCH.get(preset, 128) if cuda else CPU_BATCH)
+        for impl in impls:
+            name = f"{preset}/{impl}"
+            if impl == "triton" and not cuda:
+                skipped.append({"test": f"step {name}", "reason": f"the Triton path {common.NO_GPU_TRITON}"})
+                print(f"[step] {name}: skipped: the Triton path {common.NO_GPU_TRITON}", flush=True)
+                save()
+                continue
+            res = run_with_oom_retry(
+                cfg,
+                preset,
+                impl,
+                batch,
+                device,
+                steps=steps,
+                distinct=distinct,
+                warmup=args.warmup,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+            rec = to_record(res, floors, dtype)
+            records.append(rec)
+            mem = (
+                f"{res.peak_mem_gib:.2f} GiB peak"
+                if res.peak_mem_gib is not None
+                else (f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+            )
+            print(
+                f"[step] {name} B={res.batch_size}: {rec.median_ms:.1f} ms/step, "
+                f"{rec.extra['samples_per_s']:.1f} samples/s, {rec.extra['tokens_per_s']:.0f} tokens/s, {mem}, "
+                f"MFU {rec.extra['mfu_pct']:.1f}%, loss {res.final_loss:.4f}",
+                flush=True,
+            )
+            save()
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+    payload = save()
+    if path is not None:
+        print(f"[step] JSON: {path}")
+    print()
+    print(common.markdown_report(payload))  # the table comes last
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ajepa.bench_cli import add_step_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    add_step_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

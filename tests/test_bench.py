@@ -1,0 +1,355 @@
+"""CPU tests of the benchmark code in bench/: FLOP and byte counts, floors math, records and
+speedups, the JSON writer (device, versions, commit), the Markdown tables, the merge tool, the
+step bench on the reference path (also through `ajepa bench`), and the kernel suites' skip
+reasons on a machine without a GPU. The GPU paths themselves are not exercised here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is part of the source tree, not of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, report  # noqa: E402
+from bench import step as step_bench  # noqa: E402
+
+MICRO = [
+    "model.embed_dim=48",
+    "model.depth=2",
+    "model.num_heads=3",
+    "model.pred_dim=48",
+    "model.pred_depth=1",
+    "model.pred_heads=3",
+]
+NAME_RE = re.compile(r"^\d{8}-\d{6}_[a-z0-9-]+_[a-z0-9-]+\.json$")
+
+
+# ---------------------------------------------------------------------------- counts and floors
+
+
+def test_attention_flops_follow_the_flash_attention_convention():
+    fwd = 4 * (2**2 + 3**2) * 2 * 8  # 4 * sum(s^2) * H * d
+    assert common.attention_flops([2, 3], heads=2, head_dim=8) == fwd
+    assert common.attention_flops([2, 3], 2, 8, "bwd") == 2.5 * fwd
+    assert common.attention_flops([2, 3], 2, 8, "fwd+bwd") == 3.5 * fwd
+    assert common.attention_flops([0, 0], 2, 8) == 0
+    with pytest.raises(ValueError, match="op"):
+        common.attention_flops([2], 1, 8, "backward")
+
+
+def test_byte_counts():
+    # fwd: T rows read + written, int64 index, pos once
+    assert common.gather_bytes(10, 4, 2, rows=40, n_pos=8, op="fwd") == 2 * 10 * 4 * 2 + 8 * 10 + 8 * 4 * 2
+    # bwd: gradient rows read, index read, dense grad_x and grad_pos written
+    assert common.gather_bytes(10, 4, 2, rows=40, n_pos=None, op="bwd") == 10 * 4 * 2 + 80 + 40 * 4 * 2
+    with pytest.raises(ValueError):
+        common.gather_bytes(1, 1, 1, 1, None, "fwd+bwd")
+    t = [torch.zeros(3, 4), torch.zeros(5)]
+    assert common.ema_bytes(t, [x.clone() for x in t]) == 12 * 17  # read t, read o, write t (fp32)
+    assert common.ema_bytes(t, [x.bfloat16() for x in t]) == 10 * 17
+    assert common.attention_bytes(10, 2, 8, 2, "fwd") == 4 * 10 * 2 * 8 * 2 + 10 * 2 * 4
+    assert common.attention_bytes(10, 2, 8, 2, "fwd+bwd") == 12 * 10 * 2 * 8 * 2 + 2 * 10 * 2 * 4
+
+
+def test_floor_is_the_larger_of_bytes_and_flops():
+    f = common.Floors(
+        copy_gbps=1000.0, matmul_tflops=100.0, matmul_dtype="bfloat16", copy_bytes=1, matmul_n=1, device="cuda"
+    )
+    assert f.floor_ms(bytes_moved=1e9) == pytest.approx(1.0)  # 1 GB at 1000 GB/s
+    assert f.floor_ms(flops=1e12) == pytest.approx(10.0)  # 1 TFLOP at 100 TFLOP/s
+    assert f.floor_ms(bytes_moved=1e9, flops=1e12) == pytest.approx(10.0)
+    assert f.floor_ms() is None
+    rec = common.make_record("gather", "c", "fwd", "triton", 2.0, f, bytes_moved=1e9)
+    assert rec.gbps == pytest.approx(500.0)
+    assert rec.floor_ms == pytest.approx(1.0)
+    assert rec.pct_of_floor == pytest.approx(50.0)
+    rec = common.make_record("attention", "c", "fwd", "xformers", 20.0, f, flops=1e12, bytes_moved=1e6, extra_key=1)
+    assert rec.tflops == pytest.approx(50.0)
+    assert rec.pct_of_floor == pytest.approx(50.0)
+    assert rec.extra == {"extra_key": 1}
+
+
+def test_speedups_are_peer_time_over_fused_time_within_a_case():
+    recs = [
+        common.make_record("ema", "set", "update", "triton", 1.0, None),
+        common.make_record("ema", "set", "update", "ijepa_loop", 12.0, None),
+        common.make_record("ema", "set", "update", "foreach_lerp", 1.5, None),
+        common.make_record("ema", "other", "update", "foreach_lerp", 3.0, None),  # no fused result in this case
+    ]
+    common.add_speedups(recs)
+    assert [r.speedup_of_fused for r in recs] == [1.0, 12.0, 1.5, None]
+
+
+def test_rotation_count_and_cycle():
+    assert common.rotation_count(10 * 2**20, 50 * 2**20) == 16  # 20 sets needed, capped at max_sets
+    assert common.rotation_count(100 * 2**20, 50 * 2**20) == 2
+    assert common.rotation_count(10 * 2**30, 50 * 2**20) == 1
+    assert common.rotation_count(0, 50 * 2**20) == 1
+    calls = []
+    cyc = common.Cycle([lambda: calls.append(0), lambda: calls.append(1)])
+    for _ in range(5):
+        cyc()
+    assert calls == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError):
+        common.Cycle([])
+
+
+def test_cpu_timing_and_floors_are_positive():
+    x = torch.randn(256, 256)
+    ms = common.time_ms(lambda: x @ x, torch.device("cpu"), rep_ms=5)
+    assert 0 < ms < 5000
+    g = torch.randn(8, requires_grad=True)
+    g.grad = torch.ones(8)
+    common.time_ms(lambda: None, torch.device("cpu"), rep_ms=1, grad_to_none=[g])
+    assert g.grad is None
+    f = common.measure_floors(torch.device("cpu"), copy_mib=4, matmul_n=64)
+    assert f.copy_gbps > 0 and f.matmul_tflops > 0
+    assert f.copy_bytes == 2 * 4 * 2**20 and f.matmul_dtype == "float32" and f.device == "cpu"
+
+
+# ---------------------------------------------------------------------------- JSON and tables
+
+
+def _payload(kind="kernels-ema", device=None):
+    f = common.Floors(3000.0, 800.0, "bfloat16", 2 * 2**30, 8192, "cuda")
+    recs = [
+        common.make_record("ema", "base set", "update", "triton", 0.5, f, bytes_moved=1.6e9),
+        common.make_record("ema", "base set", "update", "ijepa_loop", 6.0, f, bytes_moved=1.6e9),
+        common.make_record(
+            "step",
+            "base B=128 bf16",
+            "train-step",
+            "triton",
+            100.0,
+            f,
+            flops=3e13,
+            preset="base",
+            batch_size=128,
+            samples_per_s=1280.0,
+            tokens_per_s=655360.0,
+            peak_mem_gib=40.0,
+            mfu_pct=37.5,
+        ),
+    ]
+    dev = device or {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
+    return common.build_payload(kind, recs, f, dev, [{"test": "x::y[flex]", "reason": "flex needs a CUDA GPU"}])
+
+
+def test_json_writer_records_device_versions_and_commit(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert common.out_dir() == tmp_path / "out"
+    monkeypatch.delenv("OUT")
+    assert common.out_dir() == common.RESULTS_DIR
+    info = common.device_info(torch.device("cpu"))
+    payload = common.build_payload(
+        "kernels", [common.make_record("ema", "c", "update", "reference", 1.0, None)], None, info
+    )
+    path = common.write_json(payload, common.result_path("kernels", info["name"], directory=tmp_path))
+    assert path.parent == tmp_path and NAME_RE.match(path.name), path.name
+    data = json.loads(path.read_text())
+    assert data["schema"] == common.SCHEMA and data["kind"] == "kernels"
+    assert data["device"]["type"] == "cpu" and data["device"]["name"]
+    for key in ("python", "torch", "triton", "xformers"):
+        assert key in data["versions"]
+    assert data["versions"]["torch"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{64}", data["git"]["source_sha256"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert data["git"]["commit"] == head.stdout.strip() and data["git"]["commit_source"] == "git"
+    assert data["results"][0]["impl"] == "reference" and data["conventions"]["attention_flops"]
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_git_info_without_git_uses_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("AJEPA_COMMIT", "0123abc")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path
+    info = common.git_info(tmp_path)
+    assert info["commit"] == "0123abc" and info["commit_source"] == "AJEPA_COMMIT"
+    assert info["dirty"] is None
+
+
+def test_result_names_are_safe():
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slug("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
+    assert common.slug("///") == "unknown"
+
+
+def test_markdown_report_ends_with_the_tables():
+    text = common.markdown_report(_payload())
+    assert "NVIDIA H100 80GB HBM3" in text and "copy 3000 GB/s" in text and "800 TFLOP/s" in text
+    assert "| ema | base set | update | ijepa_loop | 6 | 267 | - | 8.9 | 12.00 |" in text
+    assert "| base | triton | 128 | 100 | 1280.0 | 655360 | 40.00 | 300.00 | 37.5 | 1.00 |" in text
+    assert "- x::y[flex]: flex needs a CUDA GPU" in text
+    assert text.rstrip().splitlines()[-1].startswith("| base | triton")  # a table row is the last line
+    assert "(no results)" in common.markdown_report(common.build_payload("k", [], None, {"name": "cpu"}))
+
+
+def test_merge_and_report_tool(tmp_path, capsys):
+    a = common.write_json(_payload("kernels-ema"), tmp_path / "a.json")
+    b = common.write_json(_payload("step"), tmp_path / "b.json")
+    (tmp_path / "junk.json").write_text('{"not": "ours"}')
+    assert report.main([str(a), str(b), str(tmp_path / "junk.json"), "--write", str(tmp_path / "m")]) == 0
+    merged_files = list((tmp_path / "m").glob("*_all.json"))
+    assert len(merged_files) == 1 and NAME_RE.match(merged_files[0].name)
+    merged = json.loads(merged_files[0].read_text())
+    assert merged["kind"] == "all" and len(merged["results"]) == 6 and len(merged["parts"]) == 2
+    assert all(r["extra"]["floors"]["copy_gbps"] == 3000.0 for r in merged["results"])
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("| base | triton")
+    # an earlier merged file is ignored, and devices must match
+    assert report.main([str(a), str(merged_files[0])]) == 0
+    other = _payload("step", device={"type": "cuda", "name": "NVIDIA H200"})
+    with pytest.raises(ValueError, match="different devices"):
+        common.merge_payloads([_payload(), other])
+    assert report.main([str(tmp_path / "junk.json")]) == 1
+
+
+# ---------------------------------------------------------------------------- step bench
+
+
+def test_model_flops_match_torch_flop_counter():
+    """The step bench's forward matmul FLOP counts against torch's FlopCounterMode on the reference
+    model (math SDPA backend, so attention is two counted matmuls; the packed reference pads each
+    sequence to the longest, and that padding is taken off)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ajepa.config import apply_overrides, get_preset
+    from ajepa.masks import MaskSampler
+    from ajepa.model import AJEPA
+
+    cfg = apply_overrides(get_preset("tiny"), MICRO)
+    masks = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, 0)(0, 3)
+    model = AJEPA(cfg, impl="reference")
+    spec = torch.randn(3, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+    counts = step_bench.model_flops(cfg, masks)
+
+    def padding(cu, max_len, dim, depth):
+        lens = step_bench._lengths(cu)
+        return 4 * depth * dim * (len(lens) * max_len**2 - sum(s * s for s in lens))
+
+    m = cfg.model
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fc:  # dense: all N tokens, no padding
+            model.target_encoder.forward_dense(spec)
+        assert fc.get_total_flops() == counts["target_fwd"]
+        with FlopCounterMode(display=False) as fc:
+            ctx = model.encoder.forward_packed(spec, masks.ctx_index, masks.cu_ctx, masks.max_ctx, "reference")
+        pad = padding(masks.cu_ctx, masks.max_ctx, m.embed_dim, m.depth)
+        assert fc.get_total_flops() - pad == counts["encoder_fwd"]
+        with FlopCounterMode(display=False) as fc:
+            model.predictor(ctx, masks, "reference")
+        pad = padding(masks.cu_pred, masks.max_pred, m.pred_dim, m.pred_depth)
+        assert fc.get_total_flops() - pad == counts["predictor_fwd"]
+    assert counts["train_step"] > 3 * (counts["encoder_fwd"] + counts["predictor_fwd"]) - counts["target_fwd"]
+    assert counts["ctx_tokens"] == masks.ctx_index.numel() and counts["tgt_tokens"] == masks.num_targets
+
+
+def _check_step_json(folder: Path) -> dict:
+    files = list(folder.glob("*_step.json"))
+    assert len(files) == 1 and NAME_RE.match(files[0].name)
+    data = json.loads(files[0].read_text())
+    (rec,) = data["results"]
+    assert rec["suite"] == "step" and rec["impl"] == "reference" and rec["extra"]["batch_size"] == 2
+    assert rec["extra"]["samples_per_s"] > 0 and rec["extra"]["tokens_per_s"] == pytest.approx(
+        rec["extra"]["samples_per_s"] * 128
+    )
+    assert rec["flops"] > 0 and rec["extra"]["mfu_pct"] > 0 and rec["extra"]["final_loss"] is not None
+    assert data["device"]["type"] == "cpu" and data["floors"]["matmul_dtype"] == "float32"
+    assert data["versions"]["torch"] == torch.__version__
+    (skip,) = data["skipped"]
+    assert skip["test"] == "step tiny/triton" and "needs a CUDA GPU" in skip["reason"]
+    return data
+
+
+STEP_ARGS = [
+    "--preset",
+    "tiny",
+    "--impl",
+    "reference",
+    "triton",
+    "--batch-size",
+    "2",
+    "--steps",
+    "2",
+    "--distinct",
+    "1",
+    "--device",
+    "cpu",
+    "--no-progress",
+] + [a for o in MICRO for a in ("--set", o)]
+
+
+def test_step_bench_runs_the_reference_path_on_cpu(tmp_path, capsys):
+    assert step_bench.main(STEP_ARGS + ["--out", str(tmp_path)]) == 0
+    _check_step_json(tmp_path)
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "skipped: the Triton path needs a CUDA GPU" in out
+    assert out.rstrip().splitlines()[-1].startswith("| tiny | reference | 2 |")  # the table comes last
+
+
+def test_ajepa_bench_command(tmp_path, capsys):
+    from ajepa.cli import build_parser, main
+
+    assert "bench" in build_parser()._subparsers._group_actions[0].choices
+    assert main(["bench", *STEP_ARGS, "--out", str(tmp_path)]) == 0
+    _check_step_json(tmp_path)
+    assert main(["bench", "--device", "cpu", "--steps", "0", "--no-json"]) == 2  # bad value: clean error
+    assert "--steps" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- kernel suites on the CPU
+
+
+def test_kernel_suites_skip_gpu_cases_with_reasons(tmp_path):
+    """`pytest bench/` on a CPU: the torch peers run (tiny shapes), every GPU-only case skips with its
+    reason, the JSON holds both, and the table is printed last."""
+    env = dict(os.environ, AJEPA_BENCH_BATCH="2", AJEPA_BENCH_MASKS="tf", AJEPA_BENCH_REP_MS="2")
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "bench/test_ema.py",
+            "bench/test_attention.py",
+            "--bench-out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*_kernels-ema-attention.json")
+    data = json.loads(path.read_text())
+    ran = {(r["suite"], r["impl"]) for r in data["results"]}
+    assert {
+        ("ema", "reference"),
+        ("ema", "ijepa_loop"),
+        ("ema", "foreach_lerp"),
+        ("ema", "foreach_mul_add"),
+        ("attention", "reference"),
+        ("attention", "sdpa_padded"),
+    } <= ran
+    reasons = {s["test"].split("::")[-1]: s["reason"] for s in data["skipped"]}
+    assert "needs a CUDA GPU" in reasons["test_ema_update[triton]"]
+    for impl in ("triton", "xformers", "torch_varlen"):
+        assert "needs a CUDA GPU" in reasons[f"test_varlen_attention[enc-tf-{impl}-fwd]"]
+    assert "needs a CUDA GPU" in reasons["test_varlen_attention_flex[pred-tf-fwd+bwd]"]
+    assert all(r["floor_ms"] and r["median_ms"] > 0 for r in data["results"])
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| attention |")
