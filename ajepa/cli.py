@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use at most this many clips")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_stats)
+
+    from ajepa.bench_cli import add_commands as add_bench_commands  # bench
+
+    add_bench_commands(sub)
     return parser
 
 
