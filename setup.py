@@ -28,6 +28,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "matplotlib",
+        "safetensors",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff"],

@@ -36,11 +36,21 @@ def _resolve_config(args):
             overrides.append(f"{key}={value}")
     if getattr(args, "compile", False):
         overrides.append("train.compile=true")
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides + _run_overrides(args))
+
+
+def _run_overrides(args) -> list[str]:
+    """Options that may change on --resume: --strict, --parallel, --keep-last."""
+    overrides = ["data.strict=true"] if getattr(args, "strict", False) else []
+    for flag, key in (("parallel", "train.parallel"), ("keep_last", "train.keep_last")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
 
 
 def cmd_train(args) -> int:
-    from ajepa.train import train
+    from ajepa.train import NonFiniteLossError, train
 
     cfg = _resolve_config(args)
     if args.resume:  # continue with the run's own saved config, plus any explicit overrides
@@ -48,15 +58,33 @@ def cmd_train(args) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; nothing to resume in {args.out}")
         cfg = load_config(saved)
-        cfg = apply_overrides(cfg, args.overrides)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        cfg = apply_overrides(cfg, args.overrides + _run_overrides(args))
+    try:
+        result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as exc:
+        print(f"ajepa train: stopped: {exc}", file=sys.stderr)
+        return 3
+    if not _is_main_rank():
+        return 0
+    c = result.counters
+    notes = "".join(f", {c[k]} {k.replace('_', ' ')}" for k in ("skipped_steps", "bad_samples", "bad_files") if c.get(k))
+    if result.stopped_by:
+        print(f"{result.stopped_by}: stopped at step {result.steps} with a checkpoint in {args.out}{notes}; "
+              f"continue with --resume", file=sys.stderr)
+        return 128 + (15 if result.stopped_by == "SIGTERM" else 2)
     if result.losses:
         first, last = result.losses[0][1], result.losses[-1][1]
         print(f"trained {result.steps} steps in {result.seconds:.0f}s: loss {first:.4f} -> {last:.4f}; "
-              f"checkpoint {args.out / 'checkpoint.pt'}, metrics {args.out / 'metrics.jsonl'}")
+              f"checkpoint {args.out / 'checkpoint.pt'}, metrics {args.out / 'metrics.jsonl'}{notes}")
     else:
         print(f"nothing to do: {args.out} already finished {result.steps} steps")
     return 0
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_synth(args) -> int:
@@ -83,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain an A-JEPA encoder",
-                       description="Pretrain an A-JEPA encoder. Writes config.yaml, metrics.jsonl and checkpoint.pt to --out.")
+                       description="Pretrain an A-JEPA encoder. Writes config.yaml, metrics.jsonl and checkpoints to "
+                                   "--out. Under torchrun, run `torchrun --nproc_per_node=N -m ajepa.train` with "
+                                   "these same options. SIGTERM/SIGINT save a checkpoint and exit (143/130); "
+                                   "K consecutive non-finite steps stop the run (exit 3).")
     _add_config_args(p)
     p.add_argument("--out", type=Path, required=True, help="run folder for config, metrics and checkpoints")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (train.steps)")
@@ -95,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader worker processes (train.num_workers)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile (train.compile)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint, with its saved config.yaml")
+                   help="continue the run in --out from its newest complete checkpoint, with its saved config.yaml")
+    p.add_argument("--strict", action="store_true",
+                   help="a bad audio file (corrupt, empty, NaN, unsupported) is fatal; by default it is skipped, "
+                        "logged once and counted (data.strict)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
+                   help="under torchrun: ddp (replicate the model) or fsdp (FSDP2 fully_shard) (train.parallel)")
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="keep this many numbered checkpoints, 0 keeps all (train.keep_last, default 3)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -112,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use at most this many clips")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_stats)
+
+    from ajepa.cli_eval import add_commands as add_eval_commands  # embed, probe, finetune, export, masks, plot
+
+    add_eval_commands(sub)
 
     from ajepa.bench_cli import add_commands as add_bench_commands  # bench
 

@@ -49,11 +49,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cu_seqlens=None, max_seqlen: int = 0, impl: str = "auto"):
-        if cu_seqlens is None:  # dense [B, N, D]: equal lengths, no mask
+    def forward(self, x, cu_seqlens=None, max_seqlen: int = 0, impl: str = "auto", attn_mask=None):
+        """`attn_mask` (dense path only): boolean, broadcastable to [B, heads, N, N], True = may attend."""
+        if cu_seqlens is None:  # dense [B, N, D]: equal lengths
             B, N, D = x.shape
             q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, N, D)
+        elif attn_mask is not None:
+            raise ValueError("attn_mask is supported on the dense path only (cu_seqlens=None)")
         else:  # packed [T, D]: qkv from one matmul goes to the kernel without a copy
             T, D = x.shape
             qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)
@@ -80,8 +83,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, cu_seqlens=None, max_seqlen: int = 0, impl: str = "auto"):
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, impl)
+    def forward(self, x, cu_seqlens=None, max_seqlen: int = 0, impl: str = "auto", attn_mask=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, impl, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 

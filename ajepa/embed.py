@@ -1,0 +1,280 @@
+"""Frozen encoders for downstream use: safe checkpoint loading, safetensors export, embeddings.
+
+    enc = ajepa.load_encoder("runs/tiny/checkpoint.pt")          # the EMA target encoder, eval mode
+    feats = enc.embed(wave, sample_rate=44100)                   # [B, D] (mean over tokens)
+    tokens = enc.embed(wave, 16000, pooling="none")              # [B, N, D] token map
+    feats = enc.embed_files(["a.wav", "b.flac"])                 # [len(paths), D]
+
+Checkpoints are read with ``torch.load(weights_only=True)``: no arbitrary code runs on load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ajepa.audio import file_to_spec, waveform_to_spec
+from ajepa.checkpoint import FORMAT_VERSION
+from ajepa.config import Config, from_dict, get_preset, to_dict
+from ajepa.model.vit import ViTEncoder
+
+WHICH = ("target", "context")
+POOLINGS = ("mean", "none")
+SAFETENSORS_KIND = "ajepa-encoder"
+
+# The numpy pieces a training checkpoint's RNG state needs; nothing else may be unpickled.
+_NUMPY_SAFE = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("Check the documentation")]
+    return lines[-1] if lines else repr(exc)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load an ajepa checkpoint with ``weights_only=True`` and check its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SAFE):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable ajepa checkpoint ({type(exc).__name__}: {_last_line(exc)})") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: not an ajepa checkpoint (no format_version)")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa"
+        )
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{path}: checkpoint lacks its 'config' or 'model' entry")
+    return state
+
+
+def config_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> Config:
+    """The run's Config; missing keys (an older package) take today's defaults, unknown ones fail."""
+    try:
+        return from_dict(state["config"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: its config cannot be read by this ajepa ({exc})") from None
+
+
+def strict_load(module: nn.Module, weights: dict, what: str) -> None:
+    """load_state_dict that names missing/unexpected keys and mismatched shapes in one message."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {', '.join(shapes)}")
+    if problems:
+        raise ValueError(f"{what}: weights do not fit the encoder ({'; '.join(problems)})")
+    module.load_state_dict(weights)
+
+
+def _encoder_weights(model_state: dict, which: str, path) -> dict:
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; choose one of {WHICH}")
+    prefix = "target_encoder." if which == "target" else "encoder."
+    weights = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{path}: the checkpoint holds no {prefix}* weights")
+    return weights
+
+
+class Encoder(nn.Module):
+    """A frozen ViT encoder plus the audio frontend it was trained with."""
+
+    def __init__(self, cfg: Config, vit: ViTEncoder | None = None):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.vit = vit or ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
+        self.eval()
+        self.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.vit.dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _autocast(self, amp: bool):
+        if amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        """spec [B, 1, frames, mel] (normalized) -> token map [B, N, D]."""
+        return self.vit.forward_dense(spec)
+
+    @torch.no_grad()
+    def embed_spec(self, spec: torch.Tensor, pooling: str = "mean", amp: bool = True) -> torch.Tensor:
+        """Normalized spectrograms [B, 1, frames, mel] or [B, frames, mel] -> float32 features."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
+        if spec.dim() == 3:
+            spec = spec.unsqueeze(1)
+        want = (1, self.cfg.audio.target_frames, self.cfg.audio.num_mel_bins)
+        if spec.dim() != 4 or tuple(spec.shape[1:]) != want:
+            raise ValueError(f"spec must be [B, {', '.join(map(str, want))}], got {tuple(spec.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            with self._autocast(amp):
+                tokens = self(spec.to(self.device, torch.float32))
+        finally:
+            self.train(was_training)
+        tokens = tokens.float()
+        return tokens.mean(dim=1) if pooling == "mean" else tokens
+
+    @torch.no_grad()
+    def embed(self, waveform, sample_rate: int, pooling: str = "mean", amp: bool = True) -> torch.Tensor:
+        """Audio [S] or [B, S] at any sample rate -> [B, D] (pooling="mean") or [B, N, D] ("none").
+
+        Each clip is resampled, turned into a log-mel spectrogram, then cropped from its start or
+        zero-padded to the encoder's input length (cfg.audio.target_frames)."""
+        wave = torch.as_tensor(waveform)
+        if wave.dim() == 1:
+            wave = wave.unsqueeze(0)
+        if wave.dim() != 2 or wave.shape[1] == 0:
+            raise ValueError(f"waveform must be [S] or [B, S] with S > 0, got shape {tuple(wave.shape)}")
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+        wave = wave.detach().float().cpu()
+        spec = torch.stack([waveform_to_spec(w, sample_rate, self.cfg.audio) for w in wave]).unsqueeze(1)
+        return self.embed_spec(spec, pooling, amp)
+
+    @torch.no_grad()
+    def embed_files(self, paths: Sequence[str | Path], batch_size: int = 32, pooling: str = "mean",
+                    amp: bool = True, progress: bool = False) -> torch.Tensor:
+        """Embed audio files in batches: [len(paths), D] (or [len(paths), N, D])."""
+        return self.embed_specs((file_to_spec(p, self.cfg.audio) for p in paths), len(paths),
+                                batch_size, pooling, amp, progress)
+
+    @torch.no_grad()
+    def embed_specs(self, specs: Iterable[torch.Tensor], total: int | None = None, batch_size: int = 32,
+                    pooling: str = "mean", amp: bool = True, progress: bool = False, desc: str = "embed") -> torch.Tensor:
+        """Embed an iterable of spectrograms ([frames, mel] or [1, frames, mel]) in batches."""
+        from tqdm import tqdm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out, chunk = [], []
+        with tqdm(total=total, desc=desc, disable=not progress, unit="clip") as bar:
+            for spec in specs:
+                chunk.append(spec.reshape(1, *spec.shape[-2:]))
+                if len(chunk) == batch_size:
+                    out.append(self.embed_spec(torch.stack(chunk), pooling, amp).cpu())
+                    bar.update(len(chunk))
+                    chunk = []
+            if chunk:
+                out.append(self.embed_spec(torch.stack(chunk), pooling, amp).cpu())
+                bar.update(len(chunk))
+        if not out:
+            shape = (0, self.dim) if pooling == "mean" else (0, self.cfg.num_patches, self.dim)
+            return torch.zeros(shape)
+        return torch.cat(out)
+
+    def save_safetensors(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write the encoder's weights as safetensors, with its config as JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": SAFETENSORS_KIND, "format_version": str(FORMAT_VERSION), "config": json.dumps(to_dict(self.cfg))}
+        meta.update({k: str(v) for k, v in (extra or {}).items()})
+        weights = {f"vit.{k}": v.detach().cpu().contiguous() for k, v in self.vit.state_dict().items()}
+        save_file(weights, str(path), metadata=meta)
+        return path
+
+
+def _load_safetensors(path: Path) -> tuple[Config, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("kind") != SAFETENSORS_KIND or "config" not in meta:
+        raise ValueError(f"{path}: not an ajepa encoder export (metadata kind={meta.get('kind')!r})")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa")
+    try:
+        cfg = from_dict(json.loads(meta["config"]))
+    except ValueError as exc:
+        raise ValueError(f"{path}: its config cannot be read by this ajepa ({exc})") from None
+    return cfg, {k.removeprefix("vit."): v for k, v in weights.items()}
+
+
+def load_encoder(checkpoint: str | Path, which: str = "target", device: str | torch.device = "cpu") -> Encoder:
+    """An Encoder from a training checkpoint (.pt; `which` = "target" (EMA, default) or "context")
+    or from an exported .safetensors file. Returned in eval mode with gradients off."""
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder export not found: {path}")
+        cfg, weights = _load_safetensors(path)
+    else:
+        state = read_checkpoint(path)
+        cfg = config_from_checkpoint(state, path)
+        weights = _encoder_weights(state["model"], which, path)
+    enc = Encoder(cfg)
+    strict_load(enc.vit, weights, str(path))
+    return enc.to(device)
+
+
+def random_encoder(cfg: Config, seed: int = 0, device: str | torch.device = "cpu") -> Encoder:
+    """An untrained encoder of the shape `cfg` describes (the --random-init baseline)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = Encoder(cfg)
+    return enc.to(device)
+
+
+def encoder_for(checkpoint: str | Path | None, random_init: bool = False, preset: str | None = None,
+                which: str = "target", seed: int = 0, device: str | torch.device = "cpu") -> Encoder:
+    """The CLI's rule: the checkpoint's encoder, or with `random_init` an untrained encoder shaped
+    like `preset` (or like the checkpoint's config when no preset is given)."""
+    if not random_init:
+        if checkpoint is None:
+            raise ValueError("no encoder: give --checkpoint, or --random-init with --preset")
+        return load_encoder(checkpoint, which, device)
+    if preset is not None:
+        return random_encoder(get_preset(preset), seed, device)
+    if checkpoint is None:
+        raise ValueError("--random-init needs --preset (or --checkpoint, whose shape it copies)")
+    return random_encoder(config_from_checkpoint(read_checkpoint(checkpoint), checkpoint), seed, device)
+
+
+def dataset_features(enc: Encoder, dataset, batch_size: int = 32, progress: bool = False,
+                     pooling: str = "mean", desc: str = "embed") -> torch.Tensor:
+    """Embed every clip of an ajepa dataset (crop from the start, no augmentation)."""
+    specs = (dataset.spectrogram(i) for i in range(len(dataset)))
+    return enc.embed_specs(specs, len(dataset), batch_size, pooling, progress=progress, desc=desc)
+
+
+def dataset_paths(dataset) -> list[str]:
+    paths = getattr(dataset, "paths", None)
+    if paths is not None:
+        return [str(p) for p in paths]
+    return [f"synthetic:{i}" for i in range(len(dataset))]

@@ -1,0 +1,205 @@
+"""Linear probe on frozen features: standardized features, L2-regularized logistic regression (torch,
+full-batch L-BFGS), the L2 strength tuned on a held-out part of the training split.
+
+Single-label data get softmax regression and accuracy; multi-label manifests (a label column listing
+several labels, ';'-separated in CSV or a JSON list in JSONL) get one-vs-rest logistic regression and mAP.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+# ---------------------------------------------------------------------------- splits and targets
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class shuffled split: each class with >= 2 clips gives at least one clip to each side."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(test_fraction * idx.size))
+        if idx.size >= 2:
+            n_test = min(max(n_test, 1), idx.size - 1)
+        else:
+            n_test = 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def random_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    idx = np.random.default_rng(seed).permutation(n)
+    n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
+    return np.sort(idx[n_test:]), np.sort(idx[:n_test])
+
+
+def _split_labels(value) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [part.strip() for part in str(value).split(";") if part.strip()]
+
+
+def manifest_label_sets(path: str | Path) -> list[list[str]] | None:
+    """Label sets per manifest row when the manifest is multi-label, else None."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    elif path.suffix.lower() == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        return None
+    sets = [_split_labels(r.get("label")) for r in rows]
+    return sets if any(len(s) > 1 for s in sets) else None
+
+
+@dataclass
+class Targets:
+    """What the probe predicts: class ids [n] (single-label) or a multi-hot matrix [n, C]."""
+
+    y: np.ndarray
+    classes: tuple[str, ...]
+    multilabel: bool
+
+    def labelled(self) -> np.ndarray:
+        return self.y.sum(1) > 0 if self.multilabel else self.y >= 0
+
+
+def targets_for(dataset, data_path: str | None) -> Targets:
+    sets = manifest_label_sets(data_path) if data_path is not None else None
+    if sets is not None:
+        classes = tuple(sorted({c for s in sets for c in s}))
+        lookup = {c: i for i, c in enumerate(classes)}
+        y = np.zeros((len(sets), len(classes)), dtype=np.float32)
+        for r, s in enumerate(sets):
+            y[r, [lookup[c] for c in s]] = 1.0
+        return Targets(y, classes, True)
+    return Targets(np.asarray(dataset.labels, dtype=np.int64), tuple(dataset.classes), False)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Scale every feature by the training split's mean and std."""
+    mean = train.mean(0, keepdim=True)
+    std = train.std(0, keepdim=True, unbiased=False).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def _loss(logits, y, multilabel):
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, multilabel: bool = False,
+               max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimize mean cross-entropy + l2/2 * ||W||^2 with full-batch L-BFGS (float64). Returns (W, b)."""
+    x = x.double()
+    y = y.double() if multilabel else y.long()
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(x @ w + b, y, multilabel) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the precision-recall curve as the mean precision at each positive (sklearn's AP)."""
+    order = np.argsort(-scores, kind="stable")
+    hits = positives[order].astype(bool)
+    if not hits.any():
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, hits.size + 1)
+    return float(precision[hits].mean())
+
+
+def mean_average_precision(scores: np.ndarray, y: np.ndarray) -> float:
+    aps = [average_precision(scores[:, c], y[:, c]) for c in range(y.shape[1]) if y[:, c].any()]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def _score(logits: torch.Tensor, y: np.ndarray, multilabel: bool) -> dict:
+    if multilabel:
+        return {"mAP": mean_average_precision(torch.sigmoid(logits).numpy(), y)}
+    pred = logits.argmax(1).numpy()
+    return {"accuracy": float((pred == y).mean())}
+
+
+@dataclass
+class ProbeResult:
+    metrics: dict  # test metrics: accuracy (single-label) or mAP (multi-label)
+    l2: float  # chosen L2 strength
+    val_scores: dict  # L2 -> validation metric
+    n_train: int
+    n_test: int
+    feature_dim: int
+    multilabel: bool
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, classes=(), multilabel: bool = False,
+                 l2_grid=L2_GRID, val_fraction: float = 0.25, seed: int = 0) -> ProbeResult:
+    """Tune L2 on a held-out part of the training split, refit on all of it, score the test split."""
+    x_train, x_test = torch.as_tensor(x_train).double(), torch.as_tensor(x_test).double()
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    if len(x_train) < 2 or len(x_test) < 1:
+        raise ValueError(f"the probe needs at least 2 training and 1 test clips, got {len(x_train)} and {len(x_test)}")
+    num_classes = y_train.shape[1] if multilabel else int(max(y_train.max(), y_test.max())) + 1
+    if multilabel:
+        fit_idx, val_idx = random_split(len(y_train), val_fraction, seed)
+    else:
+        fit_idx, val_idx = stratified_split(y_train, val_fraction, seed)
+    key = "mAP" if multilabel else "accuracy"
+    val_scores = {}
+    if len(val_idx) and len(fit_idx):
+        xf, xv = standardize(x_train[fit_idx], x_train[val_idx])
+        yf = torch.as_tensor(y_train[fit_idx])
+        for l2 in l2_grid:
+            w, b = fit_logreg(xf, yf, num_classes, l2, multilabel)
+            val_scores[l2] = _score(xv @ w + b, y_train[val_idx], multilabel)[key]
+    # Ties (common on easy data) go to the strongest regularization.
+    best = max(l2_grid, key=lambda l2: (val_scores.get(l2, 0.0), l2)) if val_scores else l2_grid[len(l2_grid) // 2]
+    xt, xs = standardize(x_train, x_test)
+    w, b = fit_logreg(xt, torch.as_tensor(y_train), num_classes, best, multilabel)
+    return ProbeResult(
+        metrics=_score(xs @ w + b, y_test, multilabel),
+        l2=best,
+        val_scores={str(k): v for k, v in val_scores.items()},
+        n_train=len(x_train),
+        n_test=len(x_test),
+        feature_dim=int(x_train.shape[1]),
+        multilabel=multilabel,
+        classes=list(classes),
+    )

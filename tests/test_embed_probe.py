@@ -1,0 +1,190 @@
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import ajepa
+from ajepa.cli import main
+from ajepa.data import write_synth_corpus
+from ajepa.embed import load_encoder, random_encoder, read_checkpoint
+from ajepa.probe import average_precision, linear_probe, manifest_label_sets, mean_average_precision, stratified_split
+from ajepa.train import train
+from helpers import micro_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train(micro_config(**{"train.steps": 2, "optim.ema_start": 0.5, "optim.ema_end": 0.5}), run, progress=False)
+    return run / "checkpoint.pt"
+
+
+def _wave(seconds=1.3, sr=22050, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_embed_shapes_determinism_and_frozen(ckpt):
+    enc = ajepa.load_encoder(ckpt)
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    waves = torch.from_numpy(np.stack([_wave(seed=s) for s in range(3)]))
+    one = enc.embed(waves[0], 22050)
+    assert one.shape == (1, enc.dim) and one.dtype == torch.float32 and not one.requires_grad
+    batch = enc.embed(waves, 22050)
+    assert batch.shape == (3, enc.dim)
+    torch.testing.assert_close(batch[:1], one, rtol=1e-5, atol=1e-6)
+    assert torch.equal(enc.embed(waves, 22050), batch)
+    tokens = enc.embed(waves, 22050, pooling="none")
+    assert tokens.shape == (3, enc.cfg.num_patches, enc.dim)
+    torch.testing.assert_close(tokens.mean(1), batch)
+    assert not torch.allclose(batch[0], batch[1])
+    with pytest.raises(ValueError, match="pooling"):
+        enc.embed(waves, 22050, pooling="max")
+    with pytest.raises(ValueError, match="waveform"):
+        enc.embed(torch.zeros(2, 3, 4), 16000)
+
+
+def test_embed_files_matches_embed(ckpt, tmp_path):
+    enc = load_encoder(ckpt)
+    paths = []
+    for s in range(3):
+        paths.append(tmp_path / f"{s}.wav")
+        sf.write(str(paths[-1]), _wave(sr=16000, seed=s), 16000, subtype="FLOAT")
+    feats = enc.embed_files(paths, batch_size=2)
+    ref = enc.embed(torch.from_numpy(np.stack([_wave(sr=16000, seed=s) for s in range(3)])), 16000)
+    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="nope.wav"):
+        enc.embed_files([tmp_path / "nope.wav"])
+
+
+def test_target_is_default_and_context_differs(ckpt):
+    state = read_checkpoint(ckpt)["model"]
+    target, context = load_encoder(ckpt), load_encoder(ckpt, which="context")
+    w = "blocks.0.attn.qkv.weight"
+    assert torch.equal(target.vit.state_dict()[w], state[f"target_encoder.{w}"])
+    assert torch.equal(context.vit.state_dict()[w], state[f"encoder.{w}"])
+    assert not torch.equal(state[f"target_encoder.{w}"], state[f"encoder.{w}"])
+    with pytest.raises(ValueError, match="which"):
+        load_encoder(ckpt, which="predictor")
+
+
+def _edited(ckpt, tmp_path, edit):
+    state = torch.load(ckpt, weights_only=False)
+    edit(state)
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_loading_fails_clearly(ckpt, tmp_path):
+    newer = _edited(ckpt, tmp_path, lambda s: s.update(format_version=99))
+    with pytest.raises(ValueError, match="format 99 is newer"):
+        load_encoder(newer)
+
+    def keys(s):
+        s["model"].pop("target_encoder.norm.weight")
+        s["model"]["target_encoder.extra.bias"] = torch.zeros(3)
+
+    with pytest.raises(ValueError, match=r"missing keys: norm\.weight.*unexpected keys: extra\.bias"):
+        load_encoder(_edited(ckpt, tmp_path, keys))
+    with pytest.raises(ValueError, match="unknown config key model.future_knob"):
+        load_encoder(_edited(ckpt, tmp_path, lambda s: s["config"]["model"].update(future_knob=1)))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_encoder(tmp_path / "missing.pt")
+
+
+def test_weights_only_loading_refuses_code(ckpt, tmp_path):
+    # A pickled callable would run arbitrary code under weights_only=False.
+    path = _edited(ckpt, tmp_path, lambda s: s.update(hook=print))
+    with pytest.raises(ValueError, match="not a readable ajepa checkpoint"):
+        load_encoder(path)
+
+
+def test_an_older_config_without_new_keys_loads(ckpt, tmp_path):
+    path = _edited(ckpt, tmp_path, lambda s: s["config"]["masks"].pop("curriculum_c0"))
+    enc = load_encoder(path)
+    assert enc.cfg.masks.curriculum_c0 == 0.01
+
+
+def test_safetensors_export_roundtrip(ckpt, tmp_path):
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as fh:
+        assert fh.metadata()["kind"] == "ajepa-encoder" and "vit.norm.weight" in fh.keys()
+    a, b = load_encoder(ckpt), load_encoder(out)
+    wave = torch.from_numpy(_wave())
+    assert torch.equal(a.embed(wave, 22050), b.embed(wave, 22050))
+
+
+def test_embed_cli_writes_npz_with_labels(ckpt, tmp_path):
+    corpus = tmp_path / "corpus"
+    write_synth_corpus(corpus, 9, micro_config().audio, seed=2, progress=False)
+    out = tmp_path / "feats.npz"
+    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    z = np.load(out)
+    assert z["embeddings"].shape == (9, 48) and len(z["paths"]) == 9
+    assert sorted(z["classes"]) == sorted(p.name for p in corpus.iterdir())
+    for path, label in zip(z["paths"], z["labels"]):
+        assert z["classes"][label] in path
+
+
+def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
+    assert main(["probe", "--checkpoint", str(tmp_path / "gone.pt"), "--no-progress"]) == 2
+    assert main(["probe", "--preset", "tiny", "--no-progress"]) == 2
+    assert main(["embed", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.csv")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    assert "gone.pt" in lines[0] and "--random-init" in lines[1] and ".npz" in lines[2]
+
+
+# ---------------------------------------------------------------------------- the probe itself
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    y = np.repeat(np.arange(5), [2, 3, 10, 10, 40])
+    tr, te = stratified_split(y, 0.3, seed=1)
+    assert np.intersect1d(tr, te).size == 0 and tr.size + te.size == y.size
+    assert set(y[tr]) == set(y[te]) == set(range(5))
+    assert abs(te.size / y.size - 0.3) < 0.05
+
+
+def test_linear_probe_separable_vs_random_labels():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(200) % 4
+    x = means[y] + torch.randn(200, 16, generator=g) + 50.0  # an offset that standardization removes
+    tr, te = stratified_split(y.numpy(), 0.3)
+    res = linear_probe(x[tr], y[tr].numpy(), x[te], y[te].numpy())
+    assert res.metrics["accuracy"] == 1.0 and res.n_test == te.size and res.feature_dim == 16
+    shuffled = y[torch.randperm(200, generator=g)].numpy()
+    noise = linear_probe(x[tr], shuffled[tr], x[te], shuffled[te])
+    assert noise.metrics["accuracy"] < 0.5
+
+
+def test_average_precision_hand_values():
+    # ranks of the positives: 1 and 3 -> (1/1 + 2/3) / 2
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    # class 0: positives ranked 1, 2 -> AP 1; class 1: positives ranked 1, 3 -> AP 5/6
+    assert mean_average_precision(np.array([[0.9, 0.6], [0.2, 0.8], [0.5, 0.3]]), y) == pytest.approx((1 + 5 / 6) / 2)
+
+
+def test_multilabel_manifest_gives_map(ckpt, tmp_path):
+    corpus = tmp_path / "ml"
+    paths = write_synth_corpus(corpus, 28, micro_config().audio, seed=3, progress=False)
+    rows = []
+    for i, p in enumerate(paths):
+        labels = [p.parent.name] + (["loud"] if i % 2 else [])
+        rows.append({"path": str(p.relative_to(corpus)), "label": labels})
+    manifest = corpus / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert manifest_label_sets(manifest)[1] == [paths[1].parent.name, "loud"]
+    report = tmp_path / "ml.json"
+    assert main(["probe", "--checkpoint", str(ckpt), "--data", str(manifest), "--report", str(report), "--no-progress"]) == 0
+    got = json.loads(report.read_text())
+    assert got["multilabel"] and "loud" in got["classes"] and 0.0 < got["metrics"]["mAP"] <= 1.0

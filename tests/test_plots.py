@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+
+from ajepa.cli import main
+from ajepa.config import get_preset
+from ajepa.plots import plot_masks, plot_run
+
+
+def _image(path):
+    import matplotlib.image
+
+    assert path.is_file() and path.stat().st_size > 20_000
+    img = matplotlib.image.imread(str(path))
+    return img[..., :3]
+
+
+def _write_metrics(run, steps=30):
+    run.mkdir(parents=True)
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3 * min(1.0, s / 10), "wd": 0.04, "momentum": 0.996 + s * 1e-4,
+             "samples_per_s": 20.0 + (s % 3)} for s in range(1, steps + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_masks_png_is_written_and_shows_masks(tmp_path):
+    out = plot_masks(get_preset("tiny"), tmp_path / "masks.png", seed=3)
+    img = _image(out)
+    assert img.shape[0] > 500 and img.shape[1] > 800
+    assert img.std() > 0.1  # a picture, not a blank canvas
+    # The target outlines use saturated colors absent from the magma colormap: cyan appears.
+    cyan = (img[..., 0] < 0.1) & (img[..., 1] > 0.8) & (img[..., 2] > 0.9)
+    assert cyan.sum() > 100
+
+
+def test_masks_cli_and_bad_suffix(tmp_path, capsys):
+    assert main(["masks", "--preset", "tiny", "--examples", "1", "--out", str(tmp_path / "m.png")]) == 0
+    assert _image(tmp_path / "m.png").std() > 0.1
+    assert main(["masks", "--out", str(tmp_path / "m.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "m.jpg" in err and ".png" in err
+
+
+def test_plot_run_draws_the_four_curves(tmp_path):
+    run = tmp_path / "run"
+    _write_metrics(run)
+    out = plot_run(run)
+    assert out == run / "training.png"
+    img = _image(out)
+    blue = (np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1)  # matplotlib's C0 line color
+    h, w = blue.shape
+    quadrants = [blue[: h // 2, : w // 2], blue[: h // 2, w // 2 :], blue[h // 2 :, : w // 2], blue[h // 2 :, w // 2 :]]
+    assert all(q.sum() > 200 for q in quadrants)
+
+
+def test_plot_cli_tolerates_a_half_written_last_line(tmp_path):
+    run = tmp_path / "run"
+    _write_metrics(run, steps=5)
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 6, "loss"')
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0
+    assert _image(tmp_path / "curves.png").std() > 0.05
+
+
+def test_plot_errors_name_the_path(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(tmp_path / "empty")
