@@ -66,12 +66,19 @@ def bench_device() -> torch.device:
 NO_GPU_TRITON = "needs a CUDA GPU (on the CPU Triton runs only in its interpreter: a test tool, not a benchmark)"
 
 
+def interpret_wiring_check() -> bool:
+    """AJEPA_BENCH_INTERPRET=1 with TRITON_INTERPRET=1: run the Triton cases on the CPU through the
+    interpreter, to check the bench wiring without a GPU (slow; the numbers mean nothing)."""
+    return os.environ.get("AJEPA_BENCH_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def skip_unless_cuda(what: str, triton: bool = False) -> None:
     """pytest.skip with a clear reason when no CUDA GPU is present."""
-    if not has_cuda():
-        import pytest
+    if has_cuda() or (triton and interpret_wiring_check()):
+        return
+    import pytest
 
-        pytest.skip(f"{what} {NO_GPU_TRITON if triton else 'needs a CUDA GPU'}")
+    pytest.skip(f"{what} {NO_GPU_TRITON if triton else 'needs a CUDA GPU'}")
 
 
 def _module_version(name: str) -> str | None:

@@ -352,7 +352,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         batch = args.batch_size if args.batch_size is not None else (GPU_BATCH.get(preset, 128) if cuda else CPU_BATCH)
         for impl in impls:
             name = f"{preset}/{impl}"
-            if impl == "triton" and not cuda:
+            if impl == "triton" and not cuda and not common.interpret_wiring_check():
                 skipped.append({"test": f"step {name}", "reason": f"the Triton path {common.NO_GPU_TRITON}"})
                 print(f"[step] {name}: skipped: the Triton path {common.NO_GPU_TRITON}", flush=True)
                 save()

@@ -307,6 +307,37 @@ def test_ajepa_bench_command(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter route")
+def test_step_bench_triton_wiring_through_the_interpreter(tmp_path, monkeypatch):
+    """AJEPA_BENCH_INTERPRET=1 runs the fused path's step on the CPU through the Triton interpreter:
+    the bench's wiring of the Triton model is exercised without a GPU (the time means nothing)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("AJEPA_BENCH_INTERPRET", "1")
+    args = [
+        "--preset",
+        "tiny",
+        "--impl",
+        "triton",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--distinct",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
+    assert step_bench.main(args + [a for o in MICRO for a in ("--set", o)]) == 0
+    (path,) = tmp_path.glob("*_step.json")
+    (rec,) = json.loads(path.read_text())["results"]
+    assert rec["impl"] == "triton" and rec["extra"]["final_loss"] is not None and rec["speedup_of_fused"] == 1.0
+
+
 # ---------------------------------------------------------------------------- kernel suites on the CPU
 
 
