@@ -15,6 +15,7 @@ Conventions (written into every JSON file under "conventions"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -159,6 +160,7 @@ def source_hash(root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
 def git_info(root: Path = ROOT) -> dict:
     """Commit of the tree (git, else $AJEPA_COMMIT), whether it had local changes, and a source hash."""
 
@@ -378,6 +380,7 @@ class Record:
     gbps: float | None = None
     tflops: float | None = None
     speedup_of_fused: float | None = None  # this impl's ms / fused ms (filled by add_speedups)
+    vs_peers: dict = field(default_factory=dict)  # fused rows: {peer impl: peer ms / fused ms}
     extra: dict = field(default_factory=dict)
 
 
@@ -408,10 +411,14 @@ def make_record(
 def add_speedups(records: list[Record], fused: str = FUSED) -> None:
     """For every (suite, case, op) with a fused result: each record's ms / the fused ms
     (peer rows: how many times faster the fused path is; the fused row: 1.0)."""
-    fused_ms = {(r.suite, r.case, r.op): r.median_ms for r in records if r.impl == fused and r.median_ms > 0}
+    fused_rows = {(r.suite, r.case, r.op): r for r in records if r.impl == fused and r.median_ms > 0}
+    for r in fused_rows.values():
+        r.vs_peers = {}
     for r in records:
-        base = fused_ms.get((r.suite, r.case, r.op))
-        r.speedup_of_fused = (r.median_ms / base) if base else None
+        f = fused_rows.get((r.suite, r.case, r.op))
+        r.speedup_of_fused = (r.median_ms / f.median_ms) if f else None
+        if f is not None and r is not f:
+            f.vs_peers[r.impl] = r.median_ms / f.median_ms
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -509,6 +516,23 @@ def step_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(records: list[Record], fused: str = FUSED) -> str:
+    """One row per fused result: its time, % of floor, and its speedup over every peer."""
+    rows = [r for r in records if r.impl == fused]
+    if not rows:
+        return ""
+    lines = [
+        f"| suite | case | op | {fused} ms | % of floor | {fused} speedup over each peer |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        peers = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs_peers.items()) or "-"
+        lines.append(
+            f"| {r.suite} | {r.case} | {r.op} | {_fmt(r.median_ms, '.4g')} | {_fmt(r.pct_of_floor, '.1f')} | {peers} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_report(payload: dict) -> str:
     """The tables printed last: device and floors, kernel results, step results, skips."""
     records = records_from_payload(payload)
@@ -536,7 +560,7 @@ def markdown_report(payload: dict) -> str:
     skipped = payload.get("skipped") or []
     if skipped:
         parts.append("skipped:\n" + "\n".join(f"- {s.get('test', '?')}: {s.get('reason', '')}" for s in skipped))
-    tables = [t for t in (kernel_table(records), step_table(records)) if t]
+    tables = [t for t in (kernel_table(records), step_table(records), summary_table(records)) if t]
     parts += tables or ["(no results)"]
     return "\n\n".join(parts)  # the tables come last
 

@@ -7,7 +7,7 @@
 #   5. one merged JSON and the Markdown table, printed last
 # Run from anywhere: `bash bench/device.sh`. Runs from the source tree (PYTHONPATH=., no pip install).
 # Output goes to $OUT when set (the device machine's return folder), else bench/results/:
-#   device.log, one JSON per benchmark section, and the merged *_all.json (at most 6 files, no subfolders).
+#   device.log, one JSON per benchmark section, the merged *_all.json and speedups.png (6 files, no subfolders).
 # Wheels in .whl/ (e.g. xformers 0.0.35, see bench/README.md) are installed into /tmp/site first.
 # Set AJEPA_COMMIT=<sha> to record the commit where no .git travels with the tree.
 # Every section runs under `timeout`, so one slow part cannot eat the others' time.
@@ -23,6 +23,7 @@ LOG="$OUT_DIR/device.log"
 : >"$LOG"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
+MARK=$(mktemp)  # this run's JSON files are the ones newer than this
 SUMMARY=()
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -82,4 +83,11 @@ log "=== summary (total $(($(date +%s) - T0))s before the report)"
 for line in "${SUMMARY[@]}"; do log "  $line"; done
 log ""
 # One merged JSON of this run, and its Markdown table as the last thing printed.
-timeout -k 5 20 "$PY" -m bench.report "$OUT_DIR"/*.json --write "$OUT_DIR" 2>&1 | tee -a "$LOG"
+mapfile -t RUN_JSON < <(find "$OUT_DIR" -maxdepth 1 -name '*.json' -newer "$MARK" | sort)
+if [ "${#RUN_JSON[@]}" -eq 0 ]; then
+    log "no JSON results were written by this run"
+else
+    timeout -k 5 30 "$PY" -m bench.report "${RUN_JSON[@]}" --write "$OUT_DIR" --plot "$OUT_DIR/speedups.png" 2>&1 \
+        | tee -a "$LOG"
+fi
+rm -f "$MARK"

@@ -33,6 +33,44 @@ def load(paths: list[Path]) -> list[dict]:
     return payloads
 
 
+def plot_speedups(payload: dict, path: Path) -> Path | None:
+    """Horizontal bars: the fused path's speedup over each peer, per case and op (log scale, 1x marked).
+    Returns None when there is nothing to plot (no fused results, or no matplotlib)."""
+    records = common.records_from_payload(payload)
+    common.add_speedups(records)
+    bars = [
+        (f"{r.suite} {r.case.split(':')[0]} {r.op} vs {peer}", ratio)
+        for r in records
+        if r.impl == common.FUSED
+        for peer, ratio in r.vs_peers.items()
+    ]
+    if not bars:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[report] matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.2))
+    labels, values = zip(*bars)
+    ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_yticks(range(len(bars)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlabel(f"{common.FUSED} speedup (peer time / {common.FUSED} time; > 1: {common.FUSED} faster)")
+    ax.set_title(f"{payload.get('device', {}).get('name', '?')}, {payload.get('created_utc', '')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="bench JSON files of one run (same device)")
@@ -42,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="DIR",
         help="also write the merged JSON into DIR (named by date and device)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also draw the fused path's speedup over each peer (needs matplotlib)",
     )
     args = p.parse_args(argv)
     payloads = load(args.files)
@@ -53,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         name = merged.get("device", {}).get("name", "unknown")
         path = common.write_json(merged, common.result_path(MERGED_KIND, name, datetime.now(timezone.utc), args.write))
         print(f"[report] merged {len(payloads)} files into {path}")
+    if args.plot is not None:
+        drawn = plot_speedups(merged, args.plot)
+        print(f"[report] plot: {drawn}" if drawn else "[report] plot: nothing to draw (no fused results)")
     print()
-    print(common.markdown_report(merged))
+    print(common.markdown_report(merged))  # the tables come last
     return 0
 
 

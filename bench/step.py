@@ -159,7 +159,9 @@ def run_one(
 
     cuda = device.type == "cuda"
     torch.manual_seed(seed)
-    model = AJEPA(cfg, impl=impl).to(device)
+    with device:  # initialize on the device: the base preset's CPU init alone takes seconds
+        model = AJEPA(cfg, impl=impl)
+    model = model.to(device)
     opt = torch.optim.AdamW(
         _param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )

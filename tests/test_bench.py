@@ -87,6 +87,8 @@ def test_speedups_are_peer_time_over_fused_time_within_a_case():
     ]
     common.add_speedups(recs)
     assert [r.speedup_of_fused for r in recs] == [1.0, 12.0, 1.5, None]
+    assert recs[0].vs_peers == {"ijepa_loop": 12.0, "foreach_lerp": 1.5}
+    assert recs[1].vs_peers == {} and recs[3].vs_peers == {}
 
 
 def test_rotation_count_and_cycle():
@@ -189,7 +191,8 @@ def test_markdown_report_ends_with_the_tables():
     assert "| ema | base set | update | ijepa_loop | 6 | 267 | - | 8.9 | 12.00 |" in text
     assert "| base | triton | 128 | 100 | 1280.0 | 655360 | 40.00 | 300.00 | 37.5 | 1.00 |" in text
     assert "- x::y[flex]: flex needs a CUDA GPU" in text
-    assert text.rstrip().splitlines()[-1].startswith("| base | triton")  # a table row is the last line
+    assert "| ema | base set | update | 0.5 | 106.7 | ijepa_loop 12.00x |" in text  # the summary comes last
+    assert text.rstrip().splitlines()[-1] == "| step | base B=128 bf16 | train-step | 100 | 37.5 | - |"
     assert "(no results)" in common.markdown_report(common.build_payload("k", [], None, {"name": "cpu"}))
 
 
@@ -204,13 +207,16 @@ def test_merge_and_report_tool(tmp_path, capsys):
     assert merged["kind"] == "all" and len(merged["results"]) == 6 and len(merged["parts"]) == 2
     assert all(r["extra"]["floors"]["copy_gbps"] == 3000.0 for r in merged["results"])
     out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("| base | triton")
+    assert out.rstrip().splitlines()[-1].startswith("| step | base B=128 bf16 |")
     # an earlier merged file is ignored, and devices must match
     assert report.main([str(a), str(merged_files[0])]) == 0
     other = _payload("step", device={"type": "cuda", "name": "NVIDIA H200"})
     with pytest.raises(ValueError, match="different devices"):
         common.merge_payloads([_payload(), other])
     assert report.main([str(tmp_path / "junk.json")]) == 1
+    pytest.importorskip("matplotlib")
+    assert report.main([str(a), "--plot", str(tmp_path / "speedups.png")]) == 0
+    assert (tmp_path / "speedups.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------- step bench
