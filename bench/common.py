@@ -142,11 +142,12 @@ def device_info(device: torch.device | None = None) -> dict:
 
 
 def l2_bytes(device: torch.device) -> int:
-    """The last-level cache the rotation must defeat (50 MiB if the driver does not say)."""
+    """The GPU L2 the input rotation must defeat (50 MiB if the driver does not say). On the CPU,
+    0: CPU runs check the plumbing and do not rotate inputs."""
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
         return int(getattr(p, "L2_cache_size", 0)) or 50 * 2**20
-    return 32 * 2**20
+    return 0
 
 
 def source_hash(root: Path = ROOT) -> str:
@@ -301,12 +302,13 @@ def measure_floors(device: torch.device, copy_mib: int | None = None, matmul_n: 
     def time_copy() -> tuple[float, int]:
         src = torch.randn(copy_mib * 2**20 // 4, device=device)
         dst = torch.empty_like(src)
-        return time_ms(lambda: dst.copy_(src), device, warmup_ms=50, rep_ms=200), 2 * src.numel() * src.element_size()
+        ms = time_ms(lambda: dst.copy_(src), device, warmup_ms=50, rep_ms=200 if cuda else 60)
+        return ms, 2 * src.numel() * src.element_size()
 
     def time_matmul() -> float:
         a = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
         b = torch.randn(matmul_n, matmul_n, device=device, dtype=dtype)
-        return time_ms(lambda: torch.matmul(a, b), device, warmup_ms=100, rep_ms=300)
+        return time_ms(lambda: torch.matmul(a, b), device, warmup_ms=100, rep_ms=300 if cuda else 60)
 
     copy_ms, copy_bytes = time_copy()  # buffers freed on return, before the matmul
     mm_ms = time_matmul()
