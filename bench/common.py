@@ -447,6 +447,7 @@ def build_payload(
         "config": config or {},
         "conventions": CONVENTIONS,
         "results": [asdict(r) for r in records],
+        "targets": evaluate_targets(records),
         "skipped": list(skipped or []),
     }
 
@@ -535,6 +536,61 @@ def summary_table(records: list[Record], fused: str = FUSED) -> str:
     return "\n".join(lines)
 
 
+def evaluate_targets(records: list[Record], fused: str = FUSED) -> list[dict]:
+    """The issue's H100 targets, checked against this run's fused results (nothing is claimed for a
+    target whose measurements are missing): masked_gather fwd+bwd and ema_update at >= 85% of the copy
+    floor; ema_update >= 10x the I-JEPA loop and >= 1.2x torch._foreach_lerp_; the base-preset step
+    >= 1.5x the reference path's samples/s with MFU >= 45%."""
+    add_speedups(records)
+    index = {(r.suite, r.case, r.op, r.impl): r for r in records}
+    out = []
+
+    def add(target, goal, value, unit, threshold):
+        out.append(
+            {
+                "target": target,
+                "goal": goal,
+                "measured": f"{value:.{1 if unit == '%' else 2}f}{unit}",
+                "value": value,
+                "met": bool(value >= threshold),
+            }
+        )
+
+    for r in records:
+        if r.impl != fused:
+            continue
+        if r.suite == "gather" and r.op == "fwd":
+            b = index.get(("gather", r.case, "bwd", fused))
+            if b is not None and r.floor_ms and b.floor_ms:
+                pct = 100.0 * (r.floor_ms + b.floor_ms) / (r.median_ms + b.median_ms)
+                add(f"masked_gather fwd+bwd, {r.case}", ">= 85% of copy bandwidth", pct, "%", 85.0)
+        elif r.suite == "ema":
+            if r.pct_of_floor is not None:
+                add(f"ema_update, {r.case}", ">= 85% of copy bandwidth", r.pct_of_floor, "%", 85.0)
+            for peer, goal in (("ijepa_loop", 10.0), ("foreach_lerp", 1.2)):
+                if peer in r.vs_peers:
+                    add(f"ema_update vs {peer}", f">= {goal:g}x faster", r.vs_peers[peer], "x", goal)
+        elif r.suite == "step" and r.extra.get("preset") == "base":
+            ref = [
+                x for x in records if x.suite == "step" and x.impl == "reference" and x.extra.get("preset") == "base"
+            ]
+            if ref and ref[0].extra.get("samples_per_s") and r.extra.get("samples_per_s"):
+                ratio = r.extra["samples_per_s"] / ref[0].extra["samples_per_s"]
+                add("ViT-B step samples/s vs reference", ">= 1.5x", ratio, "x", 1.5)
+            if r.extra.get("mfu_pct") is not None:
+                add("ViT-B step MFU", ">= 45%", r.extra["mfu_pct"], "%", 45.0)
+    return out
+
+
+def targets_table(records: list[Record]) -> str:
+    rows = evaluate_targets(records)
+    if not rows:
+        return ""
+    lines = ["| target (issue #6) | goal | measured | met |", "|---|---|---:|---|"]
+    lines += [f"| {t['target']} | {t['goal']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in rows]
+    return "\n".join(lines)
+
+
 def markdown_report(payload: dict) -> str:
     """The tables printed last: device and floors, kernel results, step results, skips."""
     records = records_from_payload(payload)
@@ -562,7 +618,9 @@ def markdown_report(payload: dict) -> str:
     skipped = payload.get("skipped") or []
     if skipped:
         parts.append("skipped:\n" + "\n".join(f"- {s.get('test', '?')}: {s.get('reason', '')}" for s in skipped))
-    tables = [t for t in (kernel_table(records), step_table(records), summary_table(records)) if t]
+    tables = [
+        t for t in (kernel_table(records), step_table(records), summary_table(records), targets_table(records)) if t
+    ]
     parts += tables or ["(no results)"]
     return "\n\n".join(parts)  # the tables come last
 
@@ -595,4 +653,5 @@ def merge_payloads(payloads: list[dict], kind: str = "merged") -> dict:
     records = records_from_payload(merged)
     add_speedups(records)
     merged["results"] = [asdict(r) for r in records]
+    merged["targets"] = evaluate_targets(records)
     return merged

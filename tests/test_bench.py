@@ -192,8 +192,47 @@ def test_markdown_report_ends_with_the_tables():
     assert "| base | triton | 128 | 100 | 1280.0 | 655360 | 40.00 | 300.00 | 37.5 | 1.00 |" in text
     assert "- x::y[flex]: flex needs a CUDA GPU" in text
     assert "| ema | base set | update | 0.5 | 106.7 | ijepa_loop 12.00x |" in text  # the summary comes last
-    assert text.rstrip().splitlines()[-1] == "| step | base B=128 bf16 | train-step | 100 | 37.5 | - |"
+    assert "| step | base B=128 bf16 | train-step | 100 | 37.5 | - |" in text
+    assert text.rstrip().splitlines()[-1] == "| ViT-B step MFU | >= 45% | 37.5% | NO |"  # the targets come last
     assert "(no results)" in common.markdown_report(common.build_payload("k", [], None, {"name": "cpu"}))
+
+
+def test_targets_are_checked_against_measurements_only():
+    f = common.Floors(1000.0, 500.0, "bfloat16", 1, 1, "cuda")
+    mk = common.make_record
+    recs = [
+        mk("gather", "enc", "fwd", "triton", 1.0, f, bytes_moved=0.9e9),  # floor 0.9 ms
+        mk("gather", "enc", "bwd", "triton", 2.0, f, bytes_moved=1.5e9),  # floor 1.5 ms -> 80% together
+        mk("gather", "tgt-ln", "fwd", "triton", 1.0, f, bytes_moved=1e9),  # no bwd: no gather target
+        mk("ema", "set", "update", "triton", 1.0, f, bytes_moved=0.9e9),
+        mk("ema", "set", "update", "ijepa_loop", 11.0, f, bytes_moved=0.9e9),
+        mk("ema", "set", "update", "foreach_lerp", 1.1, f, bytes_moved=0.9e9),
+        mk("step", "base", "train-step", "reference", 300.0, f, flops=1e14, preset="base", samples_per_s=100.0),
+        mk(
+            "step",
+            "base",
+            "train-step",
+            "triton",
+            200.0,
+            f,
+            flops=1e14,
+            preset="base",
+            samples_per_s=160.0,
+            mfu_pct=100.0,
+        ),
+    ]
+    got = {t["target"]: (t["measured"], t["met"]) for t in common.evaluate_targets(recs)}
+    assert got == {
+        "masked_gather fwd+bwd, enc": ("80.0%", False),
+        "ema_update, set": ("90.0%", True),
+        "ema_update vs ijepa_loop": ("11.00x", True),
+        "ema_update vs foreach_lerp": ("1.10x", False),
+        "ViT-B step samples/s vs reference": ("1.60x", True),
+        "ViT-B step MFU": ("100.0%", True),
+    }
+    assert common.evaluate_targets([r for r in recs if r.impl != "triton"]) == []  # nothing measured, nothing claimed
+    table = common.targets_table(recs)
+    assert "| ema_update vs foreach_lerp | >= 1.2x faster | 1.10x | NO |" in table
 
 
 def test_merge_and_report_tool(tmp_path, capsys):
@@ -207,7 +246,7 @@ def test_merge_and_report_tool(tmp_path, capsys):
     assert merged["kind"] == "all" and len(merged["results"]) == 6 and len(merged["parts"]) == 2
     assert all(r["extra"]["floors"]["copy_gbps"] == 3000.0 for r in merged["results"])
     out = capsys.readouterr().out
-    assert out.rstrip().splitlines()[-1].startswith("| step | base B=128 bf16 |")
+    assert out.rstrip().splitlines()[-1].startswith("| ViT-B step MFU |")
     # an earlier merged file is ignored, and devices must match
     assert report.main([str(a), str(merged_files[0])]) == 0
     other = _payload("step", device={"type": "cuda", "name": "NVIDIA H200"})
@@ -303,13 +342,20 @@ def test_step_bench_runs_the_reference_path_on_cpu(tmp_path, capsys):
     assert out.rstrip().splitlines()[-1].startswith("| tiny | reference | 2 |")  # the table comes last
 
 
-def test_ajepa_bench_command(tmp_path, capsys):
+def test_ajepa_bench_command(monkeypatch, capsys):
+    """`ajepa bench` parses the step bench's options and hands them to bench.step (whose run is
+    tested above); bad values end in a clean error."""
     from ajepa.cli import build_parser, main
 
     assert "bench" in build_parser()._subparsers._group_actions[0].choices
-    assert main(["bench", *STEP_ARGS, "--out", str(tmp_path)]) == 0
-    _check_step_json(tmp_path)
-    assert main(["bench", "--device", "cpu", "--steps", "0", "--no-json"]) == 2  # bad value: clean error
+    seen = {}
+    monkeypatch.setattr(step_bench, "run_from_args", lambda args: seen.setdefault("args", args) and 0)
+    assert main(["bench", *STEP_ARGS, "--out", "somewhere"]) == 0
+    args = seen["args"]
+    assert args.preset == ["tiny"] and args.impl == ["reference", "triton"] and args.batch_size == 2
+    assert args.steps == 2 and args.overrides == MICRO and str(args.out) == "somewhere" and args.no_progress
+    monkeypatch.undo()
+    assert main(["bench", "--device", "cpu", "--steps", "0", "--no-json"]) == 2
     assert "--steps" in capsys.readouterr().err
 
 
