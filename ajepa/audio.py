@@ -24,10 +24,13 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [S, C]
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
-        raise AudioError(f"{path}: cannot decode ({exc})") from exc
+        hint = "unsupported or corrupt format: " if "not recognised" in str(exc).lower() else ""
+        raise AudioError(f"{path}: cannot decode ({hint}{exc})") from exc
     return to_mono(torch.from_numpy(np.ascontiguousarray(data.T))), int(sr)
 
 
@@ -89,7 +92,7 @@ def waveform_to_spec(
     """
     wave = to_mono(wave).float()
     if wave.numel() == 0:
-        raise AudioError("empty waveform")
+        raise AudioError("empty waveform (0 samples)")
     if not torch.isfinite(wave).all():
         raise AudioError("waveform holds NaN or Inf samples")
     spec = fbank(resample(wave, sr, cfg.sample_rate), cfg)

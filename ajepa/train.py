@@ -319,9 +319,18 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     split evenly; rank 0 alone writes checkpoints, metrics and config.
     """
     info, device = init_distributed(cfg)
+    # On the CPU, the default backward of advanced indexing (index_put_ with accumulate, used by
+    # the reference gathers) sums duplicate rows in an order that can change from run to run;
+    # PyTorch's deterministic mode sorts first, so a resumed run repeats the uninterrupted one
+    # bit for bit. The CUDA path keeps its own (deterministic Triton) kernels and settings.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.type == "cpu" and not was_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         return _train(cfg, Path(out), resume, progress, max_steps, info, device)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         if info.owned:
             dist.destroy_process_group()
 
