@@ -67,3 +67,43 @@ def dtype_for(device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def document_block_mask(seq_id: torch.Tensor, cu_seqlens: torch.Tensor, mask_mod, block: int = 128):
+    """FlexAttention BlockMask of a packed batch's document mask, built from the sequence layout.
+
+    create_block_mask evaluates mask_mod on the whole T x T grid (T = 161k tokens for the base
+    predictor: far too much memory). Documents are contiguous, so the kv blocks a query block can see
+    are the range spanned by its first and last document; a block pair is full when both blocks lie
+    whole inside one document. seq_id: int64 [T] (document of each token); cu_seqlens: [S+1].
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = seq_id.numel()
+    device = seq_id.device
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    nb = -(-T // block)
+    starts = torch.arange(nb, device=device) * block
+    ends = torch.clamp(starts + block, max=T) - 1
+    first, last = seq_id[starts], seq_id[ends]
+    kv_lo = cu[first] // block
+    kv_hi = (cu[last + 1] - 1) // block
+    cols = torch.arange(nb, device=device)
+    visible = (cols[None, :] >= kv_lo[:, None]) & (cols[None, :] <= kv_hi[:, None])  # [nb, nb]
+    whole = (first == last) & (starts + block <= T)  # block inside one document, no padding
+    full = visible & whole[:, None] & whole[None, :] & (first[:, None] == first[None, :])
+    partial = visible & ~full
+
+    def blocks(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num = m.sum(1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=1, stable=True).to(torch.int32)  # visible columns first
+        return num[None, None], idx[None, None]
+
+    num_p, idx_p = blocks(partial)
+    num_f, idx_f = blocks(full)
+    try:
+        return BlockMask.from_kv_blocks(
+            num_p, idx_p, num_f, idx_f, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T)
+        )
+    except TypeError:  # older torch: no seq_lengths
+        return BlockMask.from_kv_blocks(num_p, idx_p, num_f, idx_f, BLOCK_SIZE=block, mask_mod=mask_mod)

@@ -10,7 +10,8 @@ Peers, each skipped with its reason when unavailable:
                key-padding mask (FLOPs counted as the useful varlen FLOPs: padding is waste)
 - xformers:    memory_efficient_attention with fmha.BlockDiagonalMask (dispatches to FlashAttention)
 - torch_varlen: torch.nn.attention.varlen.varlen_attn (torch >= 2.10)
-- flex:        compiled FlexAttention with a document mask (block mask built outside the timing)
+- flex:        compiled FlexAttention with a document mask (block mask built from the layout,
+               outside the timing)
 """
 
 from __future__ import annotations
@@ -143,16 +144,16 @@ def _compiled_flex():
 def _flex(c: Case):
     common.skip_unless_cuda("FlexAttention (compiled Triton kernels)")
     try:
-        from torch.nn.attention.flex_attention import create_block_mask
+        import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.flex_attention")
     doc = c.seq_id.to(torch.int32)
-    T = doc.numel()
 
     def document(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    block_mask = create_block_mask(document, None, None, T, T, device=c.cu.device)
+    # built from the layout (create_block_mask would evaluate the mask on all T x T pairs)
+    block_mask = cases.document_block_mask(c.seq_id, c.cu, document)
     flex = _compiled_flex()
 
     def layout(x):  # [T, H, d] -> [1, H, T, d]

@@ -118,6 +118,41 @@ def test_cpu_timing_and_floors_are_positive():
     assert f.copy_bytes == 2 * 4 * 2**20 and f.matmul_dtype == "float32" and f.device == "cpu"
 
 
+def test_document_block_mask_matches_create_block_mask_and_the_reference():
+    """The FlexAttention peer's block mask, built from the packed layout, equals create_block_mask's
+    (which the GPU shapes cannot afford), and flex attention with it computes varlen attention."""
+    flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+
+    import kernels
+    from bench.cases import document_block_mask
+
+    torch.manual_seed(0)
+    for lens in ([5, 300, 1, 129, 128, 256, 40], [700], [1] * 150, [128, 128, 128]):
+        T = sum(lens)
+        cu = torch.tensor([0, *lens]).cumsum(0)
+        doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+
+        def document(b, h, q_idx, kv_idx, doc=doc):
+            return doc[q_idx] == doc[kv_idx]
+
+        want = flex_mod.create_block_mask(document, None, None, T, T, device="cpu")
+        got = document_block_mask(doc, cu, document)
+        assert torch.equal(got.to_dense(), want.to_dense())
+        assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+        assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+    q, k, v = (torch.randn(T, 2, 16) for _ in range(3))
+
+    def layout(x):
+        return x.transpose(0, 1).unsqueeze(0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex on the CPU warns that it is unfused
+        out = flex_mod.flex_attention(layout(q), layout(k), layout(v), block_mask=got)[0].transpose(0, 1)
+    ref = kernels.varlen_attention(q, k, v, cu.int(), max(lens), impl="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- JSON and tables
 
 
@@ -393,6 +428,7 @@ def test_step_bench_triton_wiring_through_the_interpreter(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------- kernel suites on the CPU
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the suites skip without a GPU")
 def test_kernel_suites_skip_gpu_cases_with_reasons(tmp_path):
     """`pytest bench/` on a CPU: the torch peers run (tiny shapes), every GPU-only case skips with its
     reason, the JSON holds both, and the table is printed last."""
