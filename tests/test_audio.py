@@ -4,7 +4,16 @@ import soundfile as sf
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from ajepa.audio import AudioError, crop_or_pad, fbank, file_to_spec, load_audio, normalize, waveform_to_spec
+from ajepa.audio import (
+    AudioError,
+    crop_or_pad,
+    fbank,
+    file_to_spec,
+    load_audio,
+    normalize,
+    resample,
+    waveform_to_spec,
+)
 from ajepa.config import AudioConfig
 
 CFG = AudioConfig(target_frames=128)
@@ -70,3 +79,39 @@ def test_bad_audio_errors_name_the_problem(tmp_path):
         waveform_to_spec(torch.tensor([0.0, float("nan")] * 800), 16000, CFG)
     with pytest.raises(AudioError, match="empty"):
         waveform_to_spec(torch.zeros(0), 16000, CFG)
+
+
+def test_multichannel_any_rate_pad_and_crop_at_a_given_offset(tmp_path):
+    path = tmp_path / "four.wav"
+    sf.write(str(path), _tone(8000, 3.0, channels=4), 8000)  # 4 channels at 8 kHz, 3 s = 298 frames at 16 kHz
+    wave, sr = load_audio(path)
+    assert wave.dim() == 1 and sr == 8000
+    full = fbank(resample(wave, 8000, 16000), CFG)
+    assert full.shape[0] > CFG.target_frames
+    got = file_to_spec(path, CFG, crop_offset=37)
+    assert torch.equal(got, normalize(full[37:37 + CFG.target_frames], CFG))
+    short = tmp_path / "short.wav"
+    sf.write(str(short), _tone(22050, 0.3), 22050)
+    spec = file_to_spec(short, CFG)
+    assert spec.shape == (CFG.target_frames, 128) and torch.isfinite(spec).all()
+
+
+@pytest.mark.parametrize("kind,match", [("empty", "empty file"), ("zero_length", "empty waveform"),
+                                        ("all_nan", "NaN or Inf"), ("inf", "NaN or Inf"),
+                                        ("unsupported", "unsupported or corrupt format")])
+def test_bad_files_raise_audio_error_naming_the_file(tmp_path, kind, match):
+    path = tmp_path / f"{kind}.wav"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "zero_length":
+        sf.write(str(path), np.zeros(0, np.float32), 16000)
+    elif kind == "all_nan":
+        sf.write(str(path), np.full(4000, np.nan, np.float32), 16000, subtype="FLOAT")
+    elif kind == "inf":
+        sf.write(str(path), np.array([0.1, np.inf] * 2000, np.float32), 16000, subtype="FLOAT")
+    else:
+        path = tmp_path / "score.mid"
+        path.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x00\x60MTrk")
+    with pytest.raises(AudioError, match=match) as err:
+        file_to_spec(path, CFG)
+    assert path.name in str(err.value)

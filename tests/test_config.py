@@ -39,7 +39,27 @@ def test_overrides_are_typed():
     ("train.impl=cuda", "train.impl"),
     ("model.num_heads=5", "divisible"),
     ("steps=3", "section.key=value"),
+    ("masks.tf_scale=0,0.05", "masks.tf_scale"),
+    ("masks.context_scale=0.5,1.2", "masks.context_scale"),
+    ("masks.num_targets=12", "min_keep"),
+    ("train.keep_last=-1", "train.keep_last"),
+    ("train.max_bad_steps=0", "max_bad_steps"),
+    ("train.parallel=zero3", "train.parallel"),
+    ("data.strict=perhaps", "data.strict: expected a boolean"),
+    ("train.batch_size=2.5", "train.batch_size: expected an integer"),
 ])
 def test_bad_config_rejected_before_any_work(override, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(get_preset("tiny"), [override])
+
+
+def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
+    from ajepa.cli import main
+
+    (tmp_path / "c.yaml").write_text("masks:\n  target_scale: [0.3, 0.5]\n  min_keep: 10\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    assert "min_keep" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--keep-last", "-2"]) == 2
+    assert "train.keep_last" in capsys.readouterr().err
+    assert not out.exists()  # nothing was written

@@ -102,3 +102,10 @@ def test_cli_reports_bad_arguments_cleanly(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_python_m_ajepa_train_parses_the_train_options():
+    out = subprocess.run([sys.executable, "-m", "ajepa.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for option in ("--strict", "--parallel", "--keep-last", "--resume", "torchrun"):
+        assert option in out.stdout

@@ -137,3 +137,21 @@ def test_global_batch_must_split_over_ranks(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
         train(micro_config(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_ranks_draw_the_samples_and_masks_of_one_process():
+    from ajepa.data import StepBatchSampler
+    from ajepa.masks import MaskSampler
+
+    cfg = micro_config()
+    one = MaskSampler(cfg.masks, cfg.grid, 100, seed=3)
+    ranks = [MaskSampler(cfg.masks, cfg.grid, 100, seed=3, rank=r) for r in (0, 1)]
+    for step in (0, 7, 60):
+        whole, parts = one(step, 4), [r(step, 2) for r in ranks]
+        assert whole.use_tf == parts[0].use_tf == parts[1].use_tf
+        n = cfg.num_patches
+        joined = torch.cat([parts[0].ctx_index, parts[1].ctx_index + 2 * n])
+        assert torch.equal(joined, whole.ctx_index)
+        assert torch.equal(torch.cat([parts[0].tgt_index, parts[1].tgt_index + 2 * n]), whole.tgt_index)
+        samples = [StepBatchSampler(16, 2, 100, seed=3, rank=r, world=2).indices(step) for r in (0, 1)]
+        assert samples[0] + samples[1] == StepBatchSampler(16, 4, 100, seed=3).indices(step)
