@@ -613,7 +613,7 @@ def markdown_report(payload: dict) -> str:
     if dev.get("type") == "cpu":
         parts.append(
             "CPU run: the Triton path and the GPU peers are skipped; CPU inputs sit in caches, so "
-            "'% of floor' (copy floor measured on 64 MiB) is not a hardware-floor comparison here."
+            "'% of floor' and MFU (floors measured on small CPU buffers) are not hardware-floor comparisons here."
         )
     skipped = payload.get("skipped") or []
     if skipped:

@@ -402,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
     args = parser.parse_args(argv)
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except ValueError as exc:  # bad options or config overrides (ConfigError is a ValueError)
+        print(f"bench.step: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
