@@ -433,7 +433,8 @@ def test_kernel_suites_skip_gpu_cases_with_reasons(tmp_path):
     """`pytest bench/` on a CPU: the torch peers run (tiny shapes), every GPU-only case skips with its
     reason, the JSON holds both, and the table is printed last."""
     env = dict(os.environ, AJEPA_BENCH_BATCH="2", AJEPA_BENCH_MASKS="tf", AJEPA_BENCH_REP_MS="2")
-    env.pop("OUT", None)
+    for key in ("OUT", "AJEPA_BENCH_INTERPRET", "AJEPA_BENCH_PRESET"):
+        env.pop(key, None)
     proc = subprocess.run(
         [
             sys.executable,
