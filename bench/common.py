@@ -447,7 +447,7 @@ def build_payload(
         "config": config or {},
         "conventions": CONVENTIONS,
         "results": [asdict(r) for r in records],
-        "targets": evaluate_targets(records),
+        "targets": evaluate_targets(records) if device.get("type") == "cuda" else [],  # GPU targets only
         "skipped": list(skipped or []),
     }
 
@@ -618,9 +618,8 @@ def markdown_report(payload: dict) -> str:
     skipped = payload.get("skipped") or []
     if skipped:
         parts.append("skipped:\n" + "\n".join(f"- {s.get('test', '?')}: {s.get('reason', '')}" for s in skipped))
-    tables = [
-        t for t in (kernel_table(records), step_table(records), summary_table(records), targets_table(records)) if t
-    ]
+    targets = targets_table(records) if dev.get("type") == "cuda" else ""  # the targets are for a GPU (H100)
+    tables = [t for t in (kernel_table(records), step_table(records), summary_table(records), targets) if t]
     parts += tables or ["(no results)"]
     return "\n\n".join(parts)  # the tables come last
 
@@ -653,5 +652,5 @@ def merge_payloads(payloads: list[dict], kind: str = "merged") -> dict:
     records = records_from_payload(merged)
     add_speedups(records)
     merged["results"] = [asdict(r) for r in records]
-    merged["targets"] = evaluate_targets(records)
+    merged["targets"] = evaluate_targets(records) if merged.get("device", {}).get("type") == "cuda" else []
     return merged
