@@ -61,8 +61,9 @@ def cmd_train(args) -> int:
         cfg = apply_overrides(cfg, args.overrides + _run_overrides(args))
     try:
         result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except NonFiniteLossError as exc:
-        print(f"ajepa train: stopped: {exc}", file=sys.stderr)
+    except NonFiniteLossError as exc:  # raised on every rank alike; one message is enough
+        if _is_main_rank():
+            print(f"ajepa train: stopped: {exc}", file=sys.stderr)
         return 3
     if not _is_main_rank():
         return 0

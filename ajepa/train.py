@@ -375,7 +375,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-    last_good = (ckpts.latest_path, start) if state is not None else (None, 0)
+    last_good = (path, start) if state is not None else (None, 0)
 
     per_rank = cfg.train.batch_size // info.world
     sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, cfg.train.seed, rank=info.rank)
