@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,21 +44,32 @@ def _local(params) -> list[torch.Tensor]:
     return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in params]
 
 
-def _worker(rank: int, world: int, port: int, out: str, parallel: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, parallel: str, nan_at: tuple[int, int] | None) -> None:
     # The environment torchrun sets: train() joins the group itself (gloo on the CPU) and leaves it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    if nan_at is not None and nan_at[0] == rank:  # this rank alone gets a NaN loss at step index nan_at[1]
+        from ajepa.model import AJEPA
+
+        forward, calls = AJEPA.forward, [0]
+
+        def poisoned(self, spec, masks):
+            calls[0] += 1
+            return forward(self, spec, masks) * (float("nan") if calls[0] - 1 == nan_at[1] else 1.0)
+
+        AJEPA.forward = poisoned
     result = train(micro_config(**OVERRIDES, **{"train.parallel": parallel}), out, progress=False)
     assert not dist.is_initialized(), "train() should close the process group it opened"
     m = result.model
     torch.save({"online": _local(list(m.encoder.parameters()) + list(m.predictor.parameters())),
-                "target": _local(m.target_encoder.parameters()), "losses": result.losses},
+                "target": _local(m.target_encoder.parameters()), "losses": result.losses,
+                "counters": result.counters},
                Path(out) / f"rank{rank}.pt")
 
 
-def _spawn(parallel: str, out: Path, world: int = 2) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), parallel), nprocs=world,
+def _spawn(parallel: str, out: Path, world: int = 2, nan_at: tuple[int, int] | None = None) -> None:
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), parallel, nan_at), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not ctx.join(timeout=1):
@@ -114,6 +126,15 @@ def test_ddp_ranks_agree_and_match_one_process(ddp_run, single):
 def test_fsdp2_ema_on_shards_matches_one_process(tmp_path, single):
     _spawn("fsdp", tmp_path / "run")
     _check_against_single(tmp_path / "run", single, sharded=True)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    _spawn("ddp", tmp_path / "run", nan_at=(1, 2))  # rank 1's loss at step 3 is NaN
+    r0, r1 = (torch.load(tmp_path / "run" / f"rank{r}.pt") for r in (0, 1))
+    assert r0["counters"]["skipped_steps"] == r1["counters"]["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for w in ("online", "target") for a, b in zip(r0[w], r1[w]))
+    losses = [v for _, v in r0["losses"]]
+    assert np.isnan(losses[2]) and np.isfinite(losses[:2] + losses[3:]).all()
 
 
 def test_checkpoint_from_two_ranks_resumes_in_one_process(ddp_run, single, tmp_path):
