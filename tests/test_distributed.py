@@ -59,7 +59,13 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, nan_at: t
             return forward(self, spec, masks) * (float("nan") if calls[0] - 1 == nan_at[1] else 1.0)
 
         AJEPA.forward = poisoned
-    result = train(micro_config(**OVERRIDES, **{"train.parallel": parallel}), out, progress=False)
+    cfg = micro_config(**OVERRIDES, **{"train.parallel": parallel})
+    if parallel == "fsdp":  # stop after step 2 and resume: the sharded model and optimizer load a full checkpoint
+        first = train(cfg, out, progress=False, max_steps=2)
+        result = train(cfg, out, resume=True, progress=False)
+        result.losses = first.losses + result.losses
+    else:
+        result = train(cfg, out, progress=False)
     assert not dist.is_initialized(), "train() should close the process group it opened"
     m = result.model
     torch.save({"online": _local(list(m.encoder.parameters()) + list(m.predictor.parameters())),
@@ -123,7 +129,7 @@ def test_ddp_ranks_agree_and_match_one_process(ddp_run, single):
     _check_against_single(ddp_run, single, sharded=False)
 
 
-def test_fsdp2_ema_on_shards_matches_one_process(tmp_path, single):
+def test_fsdp2_ema_on_shards_and_resume_match_one_process(tmp_path, single):
     _spawn("fsdp", tmp_path / "run")
     _check_against_single(tmp_path / "run", single, sharded=True)
 
