@@ -68,7 +68,8 @@ def cmd_train(args) -> int:
     if not _is_main_rank():
         return 0
     c = result.counters
-    notes = "".join(f", {c[k]} {k.replace('_', ' ')}" for k in ("skipped_steps", "bad_samples", "bad_files") if c.get(k))
+    notes = "".join(f", {c[k]} {k.replace('_', ' ')}" for k in ("skipped_steps", "bad_samples", "bad_files")
+                    if c.get(k))
     if result.stopped_by:
         print(f"{result.stopped_by}: stopped at step {result.steps} with a checkpoint in {args.out}{notes}; "
               f"continue with --resume", file=sys.stderr)
