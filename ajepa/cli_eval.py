@@ -15,22 +15,38 @@ WHICH_HELP = "which encoder of a training checkpoint: target (the EMA encoder, d
 
 
 def _add_encoder_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="a training checkpoint (run/checkpoint.pt) or an exported encoder (.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a training checkpoint (run/checkpoint.pt) or an exported encoder (.safetensors)",
+    )
     p.add_argument("--which", choices=("target", "context"), default="target", help=WHICH_HELP)
-    p.add_argument("--random-init", action="store_true",
-                   help="use an untrained encoder of the same shape (the baseline that shows what pretraining bought); "
-                        "the shape comes from --preset, else from --checkpoint's config")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use an untrained encoder of the same shape (the baseline that shows what pretraining bought); "
+        "the shape comes from --preset, else from --checkpoint's config",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="encoder shape for --random-init")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the --random-init weights (default 0)")
-    p.add_argument("--data", default=None, required=data_required,
-                   help="audio folder (subfolders are labels) or .csv/.jsonl manifest ('path', optional 'label'); "
-                        "default: the built-in synthetic corpus")
-    p.add_argument("--clips", type=int, default=280,
-                   help="clips of the built-in corpus when --data is not given (default 280)")
-    p.add_argument("--corpus-seed", type=int, default=1,
-                   help="seed of the built-in corpus when --data is not given (default 1: clips pretraining, "
-                        "which uses seed 0, never saw)")
+    p.add_argument(
+        "--data",
+        default=None,
+        required=data_required,
+        help="audio folder (subfolders are labels) or .csv/.jsonl manifest ('path', optional 'label'); "
+        "default: the built-in synthetic corpus",
+    )
+    p.add_argument(
+        "--clips", type=int, default=280, help="clips of the built-in corpus when --data is not given (default 280)"
+    )
+    p.add_argument(
+        "--corpus-seed",
+        type=int,
+        default=1,
+        help="seed of the built-in corpus when --data is not given (default 1: clips pretraining, "
+        "which uses seed 0, never saw)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -44,8 +60,9 @@ def _encoder(args):
         raise ValueError("--preset only sets the shape of a --random-init encoder; add --random-init or drop --preset")
     if args.checkpoint is None and not args.random_init:
         raise ValueError("no encoder: give --checkpoint C, or --random-init --preset P")
-    return encoder_for(args.checkpoint, args.random_init, args.preset, args.which, args.init_seed,
-                       resolve_device(args.device))
+    return encoder_for(
+        args.checkpoint, args.random_init, args.preset, args.which, args.init_seed, resolve_device(args.device)
+    )
 
 
 def _dataset(enc, data: str | None, clips: int, corpus_seed: int):
@@ -71,11 +88,18 @@ def cmd_embed(args) -> int:
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     feats = dataset_features(enc, ds, args.batch_size, not args.no_progress, args.pooling)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, embeddings=feats.numpy().astype(np.float32), paths=np.array(dataset_paths(ds)),
-             labels=np.asarray(ds.labels, dtype=np.int64), classes=np.array(list(ds.classes), dtype=str),
-             source=np.array(_source(args)))
-    print(f"wrote {tuple(feats.shape)} embeddings of {len(ds)} clips to {args.out} "
-          f"({'with' if any(lab >= 0 for lab in ds.labels) else 'without'} labels)")
+    np.savez(
+        args.out,
+        embeddings=feats.numpy().astype(np.float32),
+        paths=np.array(dataset_paths(ds)),
+        labels=np.asarray(ds.labels, dtype=np.int64),
+        classes=np.array(list(ds.classes), dtype=str),
+        source=np.array(_source(args)),
+    )
+    print(
+        f"wrote {tuple(feats.shape)} embeddings of {len(ds)} clips to {args.out} "
+        f"({'with' if any(lab >= 0 for lab in ds.labels) else 'without'} labels)"
+    )
     return 0
 
 
@@ -93,8 +117,11 @@ def _probe_split(args, enc):
         raise ValueError(f"--data {args.data}: no labels (use class subfolders or a 'label' column)")
     if args.test_data is None:
         y = tg.y[keep]
-        split = random_split(len(keep), args.test_fraction, args.seed) if tg.multilabel else \
-            stratified_split(y, args.test_fraction, args.seed)
+        split = (
+            random_split(len(keep), args.test_fraction, args.seed)
+            if tg.multilabel
+            else stratified_split(y, args.test_fraction, args.seed)
+        )
         tr, te = keep[split[0]], keep[split[1]]
         return x[tr], tg.y[tr], x[te], tg.y[te], tg
     test = _dataset(enc, args.test_data, args.clips, args.corpus_seed)
@@ -122,8 +149,12 @@ def cmd_probe(args) -> int:
     enc = _encoder(args)
     x_tr, y_tr, x_te, y_te, tg = _probe_split(args, enc)
     res = linear_probe(x_tr, y_tr, x_te, y_te, tg.classes, tg.multilabel, seed=args.seed)
-    report = {"source": _source(args), "data": args.data or f"built-in corpus ({args.clips} clips, seed {args.corpus_seed})",
-              "test_data": args.test_data, **res.to_dict()}
+    report = {
+        "source": _source(args),
+        "data": args.data or f"built-in corpus ({args.clips} clips, seed {args.corpus_seed})",
+        "test_data": args.test_data,
+        **res.to_dict(),
+    }
     out = args.report
     if out is None:
         name = "probe_random_init.json" if args.random_init else "probe.json"
@@ -131,8 +162,10 @@ def cmd_probe(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     metric = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items())
-    print(f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips "
-          f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); report {out}")
+    print(
+        f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips "
+        f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); report {out}"
+    )
     return 0
 
 
@@ -142,16 +175,29 @@ def cmd_finetune(args) -> int:
     enc = _encoder(args)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     opts = FinetuneOptions(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, time_masks=args.time_masks,
-        time_mask_width=args.time_mask_width, freq_masks=args.freq_masks, freq_mask_width=args.freq_mask_width,
-        mixup=args.mixup, reg_mask=args.reg_mask, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay,
+        warmup_epochs=args.warmup_epochs,
+        time_masks=args.time_masks,
+        time_mask_width=args.time_mask_width,
+        freq_masks=args.freq_masks,
+        freq_mask_width=args.freq_mask_width,
+        mixup=args.mixup,
+        reg_mask=args.reg_mask,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
     )
     vit = enc.vit
     res = finetune(enc.cfg, vit, ds, args.out, opts, progress=not args.no_progress, source=_source(args))
-    print(f"fine-tuned {_source(args)} for {args.epochs} epochs in {res.seconds:.0f}s: best validation accuracy "
-          f"{res.best_accuracy:.3f} at epoch {res.best_epoch}; wrote {args.out / 'best.pt'}, "
-          f"{args.out / 'best.safetensors'}, {args.out / 'finetune.json'}")
+    print(
+        f"fine-tuned {_source(args)} for {args.epochs} epochs in {res.seconds:.0f}s: best validation accuracy "
+        f"{res.best_accuracy:.3f} at epoch {res.best_epoch}; wrote {args.out / 'best.pt'}, "
+        f"{args.out / 'best.safetensors'}, {args.out / 'finetune.json'}"
+    )
     return 0
 
 
@@ -189,36 +235,61 @@ def cmd_plot(args) -> int:
 
 def add_commands(sub) -> None:
     """Register the evaluation and picture subcommands on cli.py's subparsers."""
-    p = sub.add_parser("embed", help="write frozen-encoder embeddings of a dataset to .npz",
-                       description="Embed every clip (mean over tokens, or the token map with --pooling none). "
-                                   "The .npz holds embeddings, paths, labels (-1 if none) and classes.")
+    p = sub.add_parser(
+        "embed",
+        help="write frozen-encoder embeddings of a dataset to .npz",
+        description="Embed every clip (mean over tokens, or the token map with --pooling none). "
+        "The .npz holds embeddings, paths, labels (-1 if none) and classes.",
+    )
     _add_encoder_args(p)
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
-    p.add_argument("--pooling", choices=("mean", "none"), default="mean", help="mean (default) or none: [N, D] per clip")
+    p.add_argument(
+        "--pooling", choices=("mean", "none"), default="mean", help="mean (default) or none: [N, D] per clip"
+    )
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("probe", help="linear probe of a frozen encoder (accuracy, or mAP for multi-label)",
-                       description="Logistic regression on standardized frozen features, L2 tuned on a held-out part "
-                                   "of the training split. Compare --checkpoint with --random-init to see what "
-                                   "pretraining bought.")
+    p = sub.add_parser(
+        "probe",
+        help="linear probe of a frozen encoder (accuracy, or mAP for multi-label)",
+        description="Logistic regression on standardized frozen features, L2 tuned on a held-out part "
+        "of the training split. Compare --checkpoint with --random-init to see what "
+        "pretraining bought.",
+    )
     _add_encoder_args(p)
-    p.add_argument("--test-data", default=None, help="a separate test set (folder or manifest); default: a stratified split of --data")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="test share of --data without --test-data (default 0.3)")
+    p.add_argument(
+        "--test-data",
+        default=None,
+        help="a separate test set (folder or manifest); default: a stratified split of --data",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.3, help="test share of --data without --test-data (default 0.3)"
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--report", type=Path, default=None,
-                   help="JSON report path (default: probe.json / probe_random_init.json beside the checkpoint, or here)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="JSON report path (default: probe.json / probe_random_init.json beside the checkpoint, or here)",
+    )
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("finetune", help="fine-tune encoder + mean pooling + linear head on labelled data",
-                       description="End-to-end fine-tuning with layer-wise LR decay, SpecAugment, optional mixup and "
-                                   "A-JEPA's regularized masking. Keeps the best validation epoch in --out.")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune encoder + mean pooling + linear head on labelled data",
+        description="End-to-end fine-tuning with layer-wise LR decay, SpecAugment, optional mixup and "
+        "A-JEPA's regularized masking. Keeps the best validation epoch in --out.",
+    )
     _add_encoder_args(p)
     p.set_defaults(batch_size=16)
     p.add_argument("--out", type=Path, required=True, help="folder for best.pt, best.safetensors and finetune.json")
     p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default 1e-3)")
-    p.add_argument("--layer-decay", type=float, default=0.75,
-                   help="layer-wise LR decay: block i of depth L gets lr * decay^(L - i) (default 0.75)")
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        default=0.75,
+        help="layer-wise LR decay: block i of depth L gets lr * decay^(L - i) (default 0.75)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices (default 0.05)")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, in epochs (default 1)")
     p.add_argument("--time-masks", type=int, default=2, help="SpecAugment time masks per clip (default 2)")
@@ -226,9 +297,13 @@ def add_commands(sub) -> None:
     p.add_argument("--freq-masks", type=int, default=2, help="SpecAugment frequency masks per clip (default 2)")
     p.add_argument("--freq-mask-width", type=int, default=16, help="largest frequency mask, in mel bins (default 16)")
     p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 (default) disables")
-    p.add_argument("--reg-mask", type=float, default=0.0,
-                   help="A-JEPA regularized masking: fraction of tokens per layer barred as attention keys "
-                        "(still queries); A-JEPA uses 0.1; default 0 (off)")
+    p.add_argument(
+        "--reg-mask",
+        type=float,
+        default=0.0,
+        help="A-JEPA regularized masking: fraction of tokens per layer barred as attention keys "
+        "(still queries); A-JEPA uses 0.1; default 0 (off)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share, stratified (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="split, shuffling and augmentation seed (default 0)")
     p.set_defaults(func=cmd_finetune)
@@ -241,8 +316,14 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("masks", help="draw multiblock and time-frequency masks and the curriculum to a PNG")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="config whose grid and masks to draw")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config field, e.g. --set masks.tf_num_targets=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field, e.g. --set masks.tf_num_targets=2 (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training length for the curriculum curve (train.steps)")
     p.add_argument("--examples", type=int, default=2, help="spectrograms to draw (default 2)")
     p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")

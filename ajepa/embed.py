@@ -52,7 +52,8 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not an ajepa checkpoint (no format_version)")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path}: checkpoint format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa"
+            f"{path}: checkpoint format {version} is newer than this ajepa understands "
+            f"({FORMAT_VERSION}); upgrade ajepa"
         )
     if "config" not in state or "model" not in state:
         raise ValueError(f"{path}: checkpoint lacks its 'config' or 'model' entry")
@@ -72,8 +73,11 @@ def strict_load(module: nn.Module, weights: dict, what: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -90,7 +94,7 @@ def _encoder_weights(model_state: dict, which: str, path) -> dict:
     if which not in WHICH:
         raise ValueError(f"which={which!r}; choose one of {WHICH}")
     prefix = "target_encoder." if which == "target" else "encoder."
-    weights = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{path}: the checkpoint holds no {prefix}* weights")
     return weights
@@ -162,15 +166,30 @@ class Encoder(nn.Module):
         return self.embed_spec(spec, pooling, amp)
 
     @torch.no_grad()
-    def embed_files(self, paths: Sequence[str | Path], batch_size: int = 32, pooling: str = "mean",
-                    amp: bool = True, progress: bool = False) -> torch.Tensor:
+    def embed_files(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 32,
+        pooling: str = "mean",
+        amp: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Embed audio files in batches: [len(paths), D] (or [len(paths), N, D])."""
-        return self.embed_specs((file_to_spec(p, self.cfg.audio) for p in paths), len(paths),
-                                batch_size, pooling, amp, progress)
+        return self.embed_specs(
+            (file_to_spec(p, self.cfg.audio) for p in paths), len(paths), batch_size, pooling, amp, progress
+        )
 
     @torch.no_grad()
-    def embed_specs(self, specs: Iterable[torch.Tensor], total: int | None = None, batch_size: int = 32,
-                    pooling: str = "mean", amp: bool = True, progress: bool = False, desc: str = "embed") -> torch.Tensor:
+    def embed_specs(
+        self,
+        specs: Iterable[torch.Tensor],
+        total: int | None = None,
+        batch_size: int = 32,
+        pooling: str = "mean",
+        amp: bool = True,
+        progress: bool = False,
+        desc: str = "embed",
+    ) -> torch.Tensor:
         """Embed an iterable of spectrograms ([frames, mel] or [1, frames, mel]) in batches."""
         from tqdm import tqdm
 
@@ -198,7 +217,11 @@ class Encoder(nn.Module):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": SAFETENSORS_KIND, "format_version": str(FORMAT_VERSION), "config": json.dumps(to_dict(self.cfg))}
+        meta = {
+            "kind": SAFETENSORS_KIND,
+            "format_version": str(FORMAT_VERSION),
+            "config": json.dumps(to_dict(self.cfg)),
+        }
         meta.update({k: str(v) for k, v in (extra or {}).items()})
         weights = {f"vit.{k}": v.detach().cpu().contiguous() for k, v in self.vit.state_dict().items()}
         save_file(weights, str(path), metadata=meta)
@@ -218,7 +241,9 @@ def _load_safetensors(path: Path) -> tuple[Config, dict]:
         raise ValueError(f"{path}: not an ajepa encoder export (metadata kind={meta.get('kind')!r})")
     version = int(meta.get("format_version", "0"))
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa")
+        raise ValueError(
+            f"{path}: export format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa"
+        )
     try:
         cfg = from_dict(json.loads(meta["config"]))
     except ValueError as exc:
@@ -251,8 +276,14 @@ def random_encoder(cfg: Config, seed: int = 0, device: str | torch.device = "cpu
     return enc.to(device)
 
 
-def encoder_for(checkpoint: str | Path | None, random_init: bool = False, preset: str | None = None,
-                which: str = "target", seed: int = 0, device: str | torch.device = "cpu") -> Encoder:
+def encoder_for(
+    checkpoint: str | Path | None,
+    random_init: bool = False,
+    preset: str | None = None,
+    which: str = "target",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Encoder:
     """The CLI's rule: the checkpoint's encoder, or with `random_init` an untrained encoder shaped
     like `preset` (or like the checkpoint's config when no preset is given)."""
     if not random_init:
@@ -263,11 +294,19 @@ def encoder_for(checkpoint: str | Path | None, random_init: bool = False, preset
         return random_encoder(get_preset(preset), seed, device)
     if checkpoint is None:
         raise ValueError("--random-init needs --preset (or --checkpoint, whose shape it copies)")
-    return random_encoder(config_from_checkpoint(read_checkpoint(checkpoint), checkpoint), seed, device)
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder export not found: {path}")
+        cfg = _load_safetensors(path)[0]
+    else:
+        cfg = config_from_checkpoint(read_checkpoint(path), path)
+    return random_encoder(cfg, seed, device)
 
 
-def dataset_features(enc: Encoder, dataset, batch_size: int = 32, progress: bool = False,
-                     pooling: str = "mean", desc: str = "embed") -> torch.Tensor:
+def dataset_features(
+    enc: Encoder, dataset, batch_size: int = 32, progress: bool = False, pooling: str = "mean", desc: str = "embed"
+) -> torch.Tensor:
     """Embed every clip of an ajepa dataset (crop from the start, no augmentation)."""
     specs = (dataset.spectrogram(i) for i in range(len(dataset)))
     return enc.embed_specs(specs, len(dataset), batch_size, pooling, progress=progress, desc=desc)

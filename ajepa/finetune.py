@@ -47,7 +47,7 @@ class FinetuneOptions:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
 
-    def validate(self) -> "FinetuneOptions":
+    def validate(self) -> FinetuneOptions:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -114,10 +114,16 @@ def layer_decay_groups(model: Classifier, lr: float, weight_decay: float, layer_
         if not p.requires_grad:
             continue
         lid, decay = layer_id(name), p.ndim >= 2
-        g = groups.setdefault((lid, decay), {
-            "params": [], "lr_scale": layer_decay ** (depth + 1 - lid), "weight_decay": weight_decay if decay else 0.0,
-            "lr": lr * layer_decay ** (depth + 1 - lid), "layer": lid,
-        })
+        g = groups.setdefault(
+            (lid, decay),
+            {
+                "params": [],
+                "lr_scale": layer_decay ** (depth + 1 - lid),
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lr * layer_decay ** (depth + 1 - lid),
+                "layer": lid,
+            },
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -126,7 +132,10 @@ def spec_augment(spec: torch.Tensor, opts: FinetuneOptions, gen: torch.Generator
     """Zero random time stripes and mel bands per clip (the normalized mean is about 0). spec [B, 1, T, F]."""
     B, _, T, Fm = spec.shape
     keep = torch.ones(B, T, Fm, dtype=torch.bool)
-    for count, width, size, dim in ((opts.time_masks, opts.time_mask_width, T, 1), (opts.freq_masks, opts.freq_mask_width, Fm, 2)):
+    for count, width, size, dim in (
+        (opts.time_masks, opts.time_mask_width, T, 1),
+        (opts.freq_masks, opts.freq_mask_width, Fm, 2),
+    ):
         pos = torch.arange(size)
         for _ in range(count):
             w = torch.randint(0, min(width, size) + 1, (B, 1), generator=gen)
@@ -165,8 +174,15 @@ class FinetuneResult:
     seconds: float
 
 
-def finetune(cfg: Config, vit: ViTEncoder, dataset, out: str | Path, opts: FinetuneOptions = FinetuneOptions(),
-             progress: bool = True, source: str = "") -> FinetuneResult:
+def finetune(
+    cfg: Config,
+    vit: ViTEncoder,
+    dataset,
+    out: str | Path,
+    opts: FinetuneOptions = FinetuneOptions(),
+    progress: bool = True,
+    source: str = "",
+) -> FinetuneResult:
     """Fine-tune `vit` (trained in place) on the labelled clips of `dataset`; write best.pt,
     best.safetensors and finetune.json into `out`."""
     from contextlib import nullcontext
@@ -181,8 +197,10 @@ def finetune(cfg: Config, vit: ViTEncoder, dataset, out: str | Path, opts: Finet
     labelled = np.flatnonzero(labels >= 0)
     num_classes = len(dataset.classes)
     if num_classes < 2 or labelled.size < 4:
-        raise ValueError(f"fine-tuning needs labelled data with at least 2 classes and 4 clips; got "
-                         f"{num_classes} classes and {labelled.size} labelled clips")
+        raise ValueError(
+            f"fine-tuning needs labelled data with at least 2 classes and 4 clips; got "
+            f"{num_classes} classes and {labelled.size} labelled clips"
+        )
     train_rel, val_rel = stratified_split(labels[labelled], opts.val_fraction, opts.seed)
     train_idx, val_idx = labelled[train_rel], labelled[val_rel]
     if val_idx.size == 0:
@@ -192,7 +210,9 @@ def finetune(cfg: Config, vit: ViTEncoder, dataset, out: str | Path, opts: Finet
     gen = torch.Generator().manual_seed(opts.seed)
 
     def load(idx, desc):
-        return torch.stack([dataset.spectrogram(int(i)) for i in tqdm(idx, desc=desc, disable=not progress, leave=False)])
+        return torch.stack(
+            [dataset.spectrogram(int(i)) for i in tqdm(idx, desc=desc, disable=not progress, leave=False)]
+        )
 
     x_train, x_val = load(train_idx, "spectrograms (train)"), load(val_idx, "spectrograms (val)")
     y_train, y_val = torch.as_tensor(labels[train_idx]), torch.as_tensor(labels[val_idx])
@@ -237,8 +257,13 @@ def finetune(cfg: Config, vit: ViTEncoder, dataset, out: str | Path, opts: Finet
                 step += 1
                 bar.update(1)
             val = evaluate(model, x_val, y_val, opts.batch_size, device, amp_ctx)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / len(train_idx), "val_loss": val["loss"],
-                   "val_accuracy": val["accuracy"], "lr": opts.lr * factor}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / len(train_idx),
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "lr": opts.lr * factor,
+            }
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")
             if val["accuracy"] > best:
@@ -247,9 +272,17 @@ def finetune(cfg: Config, vit: ViTEncoder, dataset, out: str | Path, opts: Finet
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    report = {"best_val_accuracy": best, "best_epoch": best_epoch, "history": history, "options": asdict(opts),
-              "classes": list(dataset.classes), "n_train": int(train_idx.size), "n_val": int(val_idx.size),
-              "source": source, "seconds": seconds}
+    report = {
+        "best_val_accuracy": best,
+        "best_epoch": best_epoch,
+        "history": history,
+        "options": asdict(opts),
+        "classes": list(dataset.classes),
+        "n_train": int(train_idx.size),
+        "n_val": int(val_idx.size),
+        "source": source,
+        "seconds": seconds,
+    }
     (out / "finetune.json").write_text(json.dumps(report, indent=2))
     return FinetuneResult(best, best_epoch, history, str(out), seconds)
 
@@ -258,8 +291,24 @@ def _save_best(model: Classifier, cfg: Config, classes, row: dict, out: Path, so
     from safetensors.torch import save_file
 
     weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_checkpoint({"kind": "ajepa-finetune", "config": to_dict(cfg), "classes": list(classes), "epoch": row["epoch"],
-                     "val_accuracy": row["val_accuracy"], "source": source, "model": weights}, out / "best.pt")
-    meta = {"kind": "ajepa-finetune", "format_version": str(FORMAT_VERSION), "config": json.dumps(to_dict(cfg)),
-            "classes": json.dumps(list(classes)), "epoch": str(row["epoch"]), "val_accuracy": str(row["val_accuracy"])}
+    save_checkpoint(
+        {
+            "kind": "ajepa-finetune",
+            "config": to_dict(cfg),
+            "classes": list(classes),
+            "epoch": row["epoch"],
+            "val_accuracy": row["val_accuracy"],
+            "source": source,
+            "model": weights,
+        },
+        out / "best.pt",
+    )
+    meta = {
+        "kind": "ajepa-finetune",
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(to_dict(cfg)),
+        "classes": json.dumps(list(classes)),
+        "epoch": str(row["epoch"]),
+        "val_accuracy": str(row["val_accuracy"]),
+    }
     save_file(weights, str(out / "best.safetensors"), metadata=meta)

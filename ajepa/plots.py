@@ -9,8 +9,12 @@ import numpy as np
 
 from ajepa.config import Config
 
-CURVES = (("loss", "loss", True), ("lr", "learning rate", True), ("momentum", "EMA momentum", False),
-          ("samples_per_s", "samples / s", False))
+CURVES = (
+    ("loss", "loss", True),
+    ("lr", "learning rate", True),
+    ("momentum", "EMA momentum", False),
+    ("samples_per_s", "samples / s", False),
+)
 
 
 def _pyplot():
@@ -34,8 +38,14 @@ def _draw_masks(ax, spec: np.ndarray, cfg: Config, ctx: np.ndarray, targets: lis
 
     p = cfg.model.patch_size
     gt, gf = cfg.grid
-    ax.imshow(spec.T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
-              extent=(0, spec.shape[0], 0, spec.shape[1]))
+    ax.imshow(
+        spec.T,
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        extent=(0, spec.shape[0], 0, spec.shape[1]),
+    )
     hidden = np.ones(gt * gf, dtype=bool)
     hidden[ctx] = False  # patches the context encoder does not see: washed out
     shade = np.ones((gf, gt, 4))
@@ -45,8 +55,17 @@ def _draw_masks(ax, spec: np.ndarray, cfg: Config, ctx: np.ndarray, targets: lis
     for k, tgt in enumerate(targets):
         rows, cols = tgt // gf, tgt % gf
         r0, c0 = rows.min(), cols.min()
-        ax.add_patch(Rectangle((r0 * p, c0 * p), (rows.max() - r0 + 1) * p, (cols.max() - c0 + 1) * p, fill=False,
-                               edgecolor=colors[k % len(colors)], linewidth=2.0, label=f"target {k + 1}"))
+        ax.add_patch(
+            Rectangle(
+                (r0 * p, c0 * p),
+                (rows.max() - r0 + 1) * p,
+                (cols.max() - c0 + 1) * p,
+                fill=False,
+                edgecolor=colors[k % len(colors)],
+                linewidth=2.0,
+                label=f"target {k + 1}",
+            )
+        )
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("frame (10 ms)")
     ax.set_ylabel("mel bin")
@@ -59,6 +78,7 @@ def plot_masks(cfg: Config, out: str | Path, seed: int = 0, examples: int = 2) -
 
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
+    _check_png(out)
     plt = _pyplot()
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(examples + 1, 2, figsize=(11, 2.6 * (examples + 1)), squeeze=False)
@@ -67,9 +87,15 @@ def plot_masks(cfg: Config, out: str | Path, seed: int = 0, examples: int = 2) -
         for col, use_tf in enumerate((False, True)):
             ctx, targets = sample_masks(rng, cfg.grid, cfg.masks, use_tf)
             name = "time-frequency" if use_tf else "multiblock"
-            _draw_masks(axes[row][col], spec, cfg, ctx, targets,
-                        f"{name} masks, '{kind}' clip\n{ctx.size} of {cfg.num_patches} patches visible to the "
-                        f"context encoder, {len(targets)} target blocks")
+            _draw_masks(
+                axes[row][col],
+                spec,
+                cfg,
+                ctx,
+                targets,
+                f"{name} masks, '{kind}' clip\n{ctx.size} of {cfg.num_patches} patches visible to the "
+                f"context encoder, {len(targets)} target blocks",
+            )
     ax = axes[examples][0]
     steps = np.linspace(0, cfg.train.steps, 400)
     ax.plot(steps, [curriculum_prob(int(s), cfg.train.steps, cfg.masks.curriculum_c0) for s in steps], color="C0")
@@ -79,9 +105,15 @@ def plot_masks(cfg: Config, out: str | Path, seed: int = 0, examples: int = 2) -
     ax.set_title(f"curriculum (c0 = {cfg.masks.curriculum_c0}, masks.mode = {cfg.masks.mode})", fontsize=9)
     ax.grid(alpha=0.3)
     axes[examples][1].axis("off")
-    axes[examples][1].text(0.0, 0.5, "washed out: patches hidden from the context encoder\n"
-                           "outlined: target blocks whose latents the predictor\nmust predict "
-                           "(targets never overlap the context)", va="center", fontsize=9)
+    axes[examples][1].text(
+        0.0,
+        0.5,
+        "washed out: patches hidden from the context encoder\n"
+        "outlined: target blocks whose latents the predictor\nmust predict "
+        "(targets never overlap the context)",
+        va="center",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, out)
 
@@ -108,6 +140,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss, learning rate, EMA momentum and samples/s against step, from RUN_DIR/metrics.jsonl."""
+    out = Path(run_dir) / "training.png" if out is None else out
+    _check_png(out)
     rows = read_metrics(run_dir)
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
@@ -123,18 +157,22 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{Path(run_dir).resolve().name}: {len(rows)} logged steps, last step {rows[-1].get('step')}", fontsize=11)
+    fig.suptitle(
+        f"{Path(run_dir).resolve().name}: {len(rows)} logged steps, last step {rows[-1].get('step')}", fontsize=11
+    )
     fig.tight_layout()
-    return _save(fig, Path(run_dir) / "training.png" if out is None else out)
+    return _save(fig, out)
+
+
+def _check_png(out) -> None:
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"{out}: pictures are written as PNG; give a path ending in .png")
 
 
 def _save(fig, out) -> Path:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        plt.close(fig)
-        raise ValueError(f"{out}: pictures are written as PNG; give a path ending in .png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -111,15 +111,23 @@ def _loss(logits, y, multilabel):
     return F.cross_entropy(logits, y)
 
 
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, multilabel: bool = False,
-               max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logreg(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, multilabel: bool = False, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimize mean cross-entropy + l2/2 * ||W||^2 with full-batch L-BFGS (float64). Returns (W, b)."""
     x = x.double()
     y = y.double() if multilabel else y.long()
     w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+    )
 
     def closure():
         opt.zero_grad()
@@ -169,8 +177,17 @@ class ProbeResult:
         return asdict(self)
 
 
-def linear_probe(x_train, y_train, x_test, y_test, classes=(), multilabel: bool = False,
-                 l2_grid=L2_GRID, val_fraction: float = 0.25, seed: int = 0) -> ProbeResult:
+def linear_probe(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    classes=(),
+    multilabel: bool = False,
+    l2_grid=L2_GRID,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+) -> ProbeResult:
     """Tune L2 on a held-out part of the training split, refit on all of it, score the test split."""
     x_train, x_test = torch.as_tensor(x_train).double(), torch.as_tensor(x_test).double()
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)

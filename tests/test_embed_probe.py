@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import micro_config
 
 import ajepa
 from ajepa.cli import main
 from ajepa.data import write_synth_corpus
-from ajepa.embed import load_encoder, random_encoder, read_checkpoint
+from ajepa.embed import load_encoder, read_checkpoint
 from ajepa.probe import average_precision, linear_probe, manifest_label_sets, mean_average_precision, stratified_split
 from ajepa.train import train
-from helpers import micro_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def ckpt(tmp_path_factory):
 def _wave(seconds=1.3, sr=22050, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
-    return (0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
 
 
 def test_embed_shapes_determinism_and_frozen(ckpt):
@@ -185,6 +187,9 @@ def test_multilabel_manifest_gives_map(ckpt, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert manifest_label_sets(manifest)[1] == [paths[1].parent.name, "loud"]
     report = tmp_path / "ml.json"
-    assert main(["probe", "--checkpoint", str(ckpt), "--data", str(manifest), "--report", str(report), "--no-progress"]) == 0
+    assert (
+        main(["probe", "--checkpoint", str(ckpt), "--data", str(manifest), "--report", str(report), "--no-progress"])
+        == 0
+    )
     got = json.loads(report.read_text())
     assert got["multilabel"] and "loud" in got["classes"] and 0.0 < got["metrics"]["mAP"] <= 1.0

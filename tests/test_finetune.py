@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
+from helpers import micro_config
 
 from ajepa.cli import main
 from ajepa.data import SyntheticDataset
 from ajepa.embed import random_encoder, read_checkpoint, strict_load
-from ajepa.finetune import (Classifier, FinetuneOptions, finetune, layer_decay_groups, regularized_key_mask,
-                            spec_augment)
+from ajepa.finetune import Classifier, FinetuneOptions, finetune, layer_decay_groups, regularized_key_mask, spec_augment
 from ajepa.model.vit import Attention, ViTEncoder
-from helpers import micro_config
 
 
 def test_layer_decay_scales_lr_by_depth():
@@ -81,12 +80,31 @@ def test_finetune_smoke_saves_the_best_epoch(tmp_path):
     st = load_file(str(tmp_path / "ft" / "best.safetensors"))
     assert st.keys() == state["model"].keys() and torch.equal(st["head.weight"], state["model"]["head.weight"])
     # The encoder itself was trained, not only the head.
-    assert not torch.equal(state["model"]["vit.blocks.0.attn.qkv.weight"], random_encoder(cfg).vit.blocks[0].attn.qkv.weight)
+    assert not torch.equal(
+        state["model"]["vit.blocks.0.attn.qkv.weight"], random_encoder(cfg).vit.blocks[0].attn.qkv.weight
+    )
 
 
 def test_finetune_cli_and_bad_options(tmp_path, capsys):
-    args = ["finetune", "--random-init", "--preset", "tiny", "--clips", "14", "--epochs", "1", "--batch-size", "4",
-            "--val-fraction", "0.5", "--out", str(tmp_path / "ft"), "--no-progress", "--device", "cpu"]
+    args = [
+        "finetune",
+        "--random-init",
+        "--preset",
+        "tiny",
+        "--clips",
+        "14",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.5",
+        "--out",
+        str(tmp_path / "ft"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(args + ["--reg-mask", "1.5"]) == 2
     assert "regularized masking" in capsys.readouterr().err
     assert main(args + ["--reg-mask", "0.1", "--mixup", "0.2"]) == 0

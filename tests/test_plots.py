@@ -18,8 +18,17 @@ def _image(path):
 
 def _write_metrics(run, steps=30):
     run.mkdir(parents=True)
-    rows = [{"step": s, "loss": 1.0 / s, "lr": 1e-3 * min(1.0, s / 10), "wd": 0.04, "momentum": 0.996 + s * 1e-4,
-             "samples_per_s": 20.0 + (s % 3)} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "lr": 1e-3 * min(1.0, s / 10),
+            "wd": 0.04,
+            "momentum": 0.996 + s * 1e-4,
+            "samples_per_s": 20.0 + (s % 3),
+        }
+        for s in range(1, steps + 1)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -47,7 +56,7 @@ def test_plot_run_draws_the_four_curves(tmp_path):
     out = plot_run(run)
     assert out == run / "training.png"
     img = _image(out)
-    blue = (np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1)  # matplotlib's C0 line color
+    blue = np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1  # matplotlib's C0 line color
     h, w = blue.shape
     quadrants = [blue[: h // 2, : w // 2], blue[: h // 2, w // 2 :], blue[h // 2 :, : w // 2], blue[h // 2 :, w // 2 :]]
     assert all(q.sum() > 200 for q in quadrants)
