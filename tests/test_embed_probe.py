@@ -193,3 +193,32 @@ def test_multilabel_manifest_gives_map(ckpt, tmp_path):
     )
     got = json.loads(report.read_text())
     assert got["multilabel"] and "loud" in got["classes"] and 0.0 < got["metrics"]["mAP"] <= 1.0
+
+
+def test_probe_with_given_test_set_maps_labels_by_name(ckpt, tmp_path, capsys):
+    import shutil
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    write_synth_corpus(train_dir, 21, micro_config().audio, seed=4, progress=False)
+    # The test set: the training clips themselves, minus two classes, so its own class ids differ.
+    shutil.copytree(train_dir, test_dir, ignore=shutil.ignore_patterns("tone", "chirp"))
+    report = tmp_path / "given.json"
+    args = ["probe", "--checkpoint", str(ckpt), "--data", str(train_dir), "--report", str(report), "--no-progress"]
+    assert main([*args, "--test-data", str(test_dir)]) == 0
+    got = json.loads(report.read_text())
+    assert got["n_train"] == 21 and got["n_test"] == 15 and len(got["classes"]) == 7
+    # The same clip gets the same class id and features on both sides.
+    from ajepa.cli import build_parser
+    from ajepa.cli_eval import _encoder, _probe_split
+
+    parsed = build_parser().parse_args([*args, "--test-data", str(test_dir)])
+    x_tr, y_tr, x_te, y_te, _ = _probe_split(parsed, _encoder(parsed))
+    train_files = sorted(p.relative_to(train_dir) for p in train_dir.rglob("*.wav"))
+    test_files = sorted(p.relative_to(test_dir) for p in test_dir.rglob("*.wav"))
+    rows = [train_files.index(f) for f in test_files]
+    assert y_te.tolist() == y_tr[rows].tolist() and set(y_te.tolist()) == {0, 2, 3, 4, 5}
+    torch.testing.assert_close(x_te, x_tr[rows])
+    (test_dir / "unknown_kind").mkdir()
+    sf.write(str(test_dir / "unknown_kind" / "x.wav"), _wave(sr=16000), 16000)
+    assert main([*args, "--test-data", str(test_dir)]) == 2
+    assert "unknown_kind" in capsys.readouterr().err
