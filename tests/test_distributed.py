@@ -29,10 +29,15 @@ LOSS_RTOL, PARAM_ATOL = 1e-5, 2e-5
 LAUNCH_TIMEOUT = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _flat(params) -> torch.Tensor:
@@ -44,7 +49,8 @@ def _local(params) -> list[torch.Tensor]:
     return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in params]
 
 
-def _worker(rank: int, world: int, port: int, out: str, parallel: str, nan_at: tuple[int, int] | None) -> None:
+def _worker(rank: int, world: int, port: int, port2: int, out: str, parallel: str,
+            nan_at: tuple[int, int] | None) -> None:
     # The environment torchrun sets: train() joins the group itself (gloo on the CPU) and leaves it.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -62,6 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, nan_at: t
     cfg = micro_config(**OVERRIDES, **{"train.parallel": parallel})
     if parallel == "fsdp":  # stop after step 2 and resume: the sharded model and optimizer load a full checkpoint
         first = train(cfg, out, progress=False, max_steps=2)
+        os.environ["MASTER_PORT"] = str(port2)  # a fresh rendezvous, as a new torchrun job would have
         result = train(cfg, out, resume=True, progress=False)
         result.losses = first.losses + result.losses
     else:
@@ -75,7 +82,8 @@ def _worker(rank: int, world: int, port: int, out: str, parallel: str, nan_at: t
 
 
 def _spawn(parallel: str, out: Path, world: int = 2, nan_at: tuple[int, int] | None = None) -> None:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), parallel, nan_at), nprocs=world,
+    ports = _free_ports(2)
+    ctx = mp.start_processes(_worker, args=(world, *ports, str(out), parallel, nan_at), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not ctx.join(timeout=1):
