@@ -72,8 +72,6 @@ def param_groups(model: AJEPA) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
