@@ -129,7 +129,7 @@ def _preset_tiny() -> Config:
         model=ModelConfig(embed_dim=192, depth=4, num_heads=3, pred_dim=96, pred_depth=2, pred_heads=3),
         optim=OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=30),
         data=DataConfig(synth_clips=256),
-        train=TrainConfig(steps=300, batch_size=16, num_workers=1, log_every=10, ckpt_every=100),
+        train=TrainConfig(steps=600, batch_size=16, num_workers=1, log_every=10, ckpt_every=100),
     )
 
 
