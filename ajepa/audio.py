@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
@@ -26,6 +25,8 @@ def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+    import soundfile as sf  # imported on first use: the built-in corpus needs no audio decoder
+
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [S, C]
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format

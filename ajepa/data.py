@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from ajepa.audio import AUDIO_EXTENSIONS, AudioError, fbank, file_to_spec, load_audio, resample, waveform_to_spec
@@ -76,6 +75,7 @@ def synth_seconds(cfg: AudioConfig) -> float:
 
 def write_synth_corpus(out: str | Path, num_clips: int, cfg: AudioConfig, seed: int = 0, progress: bool = True) -> list[Path]:
     """Write the built-in corpus as labelled WAV files: out/<class>/<index>.wav."""
+    import soundfile as sf
     from tqdm import tqdm
 
     out = Path(out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one command, sized for a short rationed lease (under 8 minutes on one H100):
 #   1. kernel tests natively (tests/test_gather.py, test_attention.py, test_ema.py)
-#   2. the fused-path parity test (tests/test_fused_path.py), when present and importable
+#   2. the fused-path parity test (tests/test_fused_path.py), natively with bf16
 #   3. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
 #   4. the end-to-end step benchmark (tiny + base, reference + triton, bf16)
 #   5. one merged JSON and the Markdown table, printed last
@@ -61,18 +61,7 @@ section env 15 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,p
 
 section kernel-tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gather.py tests/test_attention.py tests/test_ema.py
 
-if [ -f tests/test_fused_path.py ]; then
-    if [ -n "${SECTIONS:-}" ] && [[ ",$SECTIONS," != *",fused-path-test,"* ]]; then
-        SUMMARY+=("fused-path-test: not selected (SECTIONS=$SECTIONS)")
-    elif "$PY" -c "import soundfile" 2>/dev/null; then
-        section fused-path-test 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_path.py
-    else
-        log ""
-        log "=== fused-path-test: SKIPPED: tests/test_fused_path.py imports ajepa.data, which needs soundfile (absent"
-        log "    here; carry the soundfile, cffi and pycparser wheels in .whl/, see bench/README.md)"
-        SUMMARY+=("fused-path-test: skipped (no soundfile)")
-    fi
-fi
+section fused-path-test 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_path.py
 
 section bench-gather-ema 55 "$PY" -m pytest -q -p no:cacheprovider bench/test_gather.py bench/test_ema.py
 section bench-attention 115 "$PY" -m pytest -q -p no:cacheprovider bench/test_attention.py

@@ -38,6 +38,7 @@ import torch
 from ajepa.config import Config, apply_overrides, get_preset
 from ajepa.masks import MaskSampler, PackedMasks
 from ajepa.model import AJEPA
+from ajepa.train import param_groups
 from bench import common
 
 GPU_BATCH = {"tiny": 1024, "small": 256, "base": 128}
@@ -105,15 +106,6 @@ class StepResult:
     pred_tokens: float
 
 
-def _param_groups(model: AJEPA) -> list[dict]:
-    try:
-        from ajepa.train import param_groups  # the trainer's own grouping
-
-        return param_groups(model)
-    except ImportError:  # ajepa.train pulls in the audio stack (soundfile), absent on some GPU images
-        decay = [p for p in model.trainable_parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.trainable_parameters() if p.ndim < 2]
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_batches(cfg: Config, batch_size: int, distinct: int, device: torch.device, seed: int):
@@ -163,7 +155,7 @@ def run_one(
         model = AJEPA(cfg, impl=impl)
     model = model.to(device)
     opt = torch.optim.AdamW(
-        _param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+        param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.train.amp) else nullcontext()
     batches = make_batches(cfg, batch_size, distinct, device, seed)
