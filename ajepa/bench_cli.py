@@ -11,6 +11,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from ajepa.cli import add_set_option
+
 
 def add_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -50,14 +52,7 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for the model, the masks and the random inputs")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="config override applied to every preset, e.g. --set model.depth=2 (repeatable)",
-    )
+    add_set_option(p, "config override applied to every preset, e.g. --set model.depth=2 (repeatable)")
     p.add_argument(
         "--out", type=Path, default=None, help="folder for the JSON result (default: $OUT if set, else bench/results/)"
     )

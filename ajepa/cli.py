@@ -18,8 +18,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="audio folder (searched recursively; subfolders are labels) or a .csv/.jsonl manifest "
                         "with a 'path' column and an optional 'label'; default: the built-in synthetic corpus")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config field, e.g. --set train.steps=100 --set masks.mode=tf (repeatable)")
+    add_set_option(p, "override one config field, e.g. --set train.steps=100 --set masks.mode=tf (repeatable)")
+
+
+def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set SECTION.KEY=VALUE` override flag, collected into args.overrides."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
 def _resolve_config(args):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ajepa.cli import add_set_option
 from ajepa.config import PRESETS, DataConfig, apply_overrides, get_preset
 
 WHICH_HELP = "which encoder of a training checkpoint: target (the EMA encoder, default, as I-JEPA evaluates) or context"
@@ -316,14 +317,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("masks", help="draw multiblock and time-frequency masks and the curriculum to a PNG")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="config whose grid and masks to draw")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config field, e.g. --set masks.tf_num_targets=2 (repeatable)",
-    )
+    add_set_option(p, "override one config field, e.g. --set masks.tf_num_targets=2 (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="training length for the curriculum curve (train.steps)")
     p.add_argument("--examples", type=int, default=2, help="spectrograms to draw (default 2)")
     p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
