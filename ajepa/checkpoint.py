@@ -66,7 +66,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise ValueError(f"{path}: not an ajepa checkpoint (no format_version)")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path}: checkpoint format {version} is newer than this ajepa understands ({FORMAT_VERSION}); upgrade ajepa"
+            f"{path}: checkpoint format {version} is newer than this ajepa understands "
+            f"({FORMAT_VERSION}); upgrade ajepa"
         )
     return state
 

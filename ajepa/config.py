@@ -288,11 +288,13 @@ def validate(cfg: Config) -> Config:
             f"audio.target_frames={a.target_frames} and audio.num_mel_bins={a.num_mel_bins} "
             f"must be multiples of model.patch_size={p}"
         )
-    for name, dim, heads in (("model.embed_dim", m.embed_dim, m.num_heads), ("model.pred_dim", m.pred_dim, m.pred_heads)):
+    widths = (("model.embed_dim", m.embed_dim, m.num_heads), ("model.pred_dim", m.pred_dim, m.pred_heads))
+    for name, dim, heads in widths:
         if heads < 1 or dim % heads:
             raise ConfigError(f"{name}={dim} must be divisible by its number of heads ({heads})")
         if not 8 <= dim // heads <= 128:
-            raise ConfigError(f"{name}/heads = {dim // heads}: head dim must be in 8..128 (the attention kernel's range)")
+            raise ConfigError(
+                f"{name}/heads = {dim // heads}: head dim must be in 8..128 (the attention kernel's range)")
     if m.depth < 1 or m.pred_depth < 1:
         raise ConfigError("model.depth and model.pred_depth must be >= 1")
     if m.loss not in LOSSES:

@@ -73,7 +73,9 @@ def synth_seconds(cfg: AudioConfig) -> float:
     return ((cfg.target_frames - 1) * cfg.frame_shift_ms + cfg.frame_length_ms) / 1000.0
 
 
-def write_synth_corpus(out: str | Path, num_clips: int, cfg: AudioConfig, seed: int = 0, progress: bool = True) -> list[Path]:
+def write_synth_corpus(
+    out: str | Path, num_clips: int, cfg: AudioConfig, seed: int = 0, progress: bool = True
+) -> list[Path]:
     """Write the built-in corpus as labelled WAV files: out/<class>/<index>.wav."""
     import soundfile as sf
     from tqdm import tqdm
@@ -221,7 +223,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     `world` takes its own slice of each step's global batch, so ranks never share a sample.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, steps: int, seed: int = 0, start_step: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, num_samples: int, batch_size: int, steps: int, seed: int = 0, start_step: int = 0,
+                 rank: int = 0, world: int = 1):
         if num_samples < 1:
             raise ValueError("the dataset is empty")
         self.n, self.b, self.steps, self.seed = num_samples, batch_size, steps, seed

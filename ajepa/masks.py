@@ -120,18 +120,15 @@ class PackedMasks:
     num_patches: int
     use_tf: bool
 
+    def _map_tensors(self, fn) -> PackedMasks:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedMasks(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
     def to(self, device, non_blocking: bool = False) -> PackedMasks:
-        moved = {
-            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return PackedMasks(**moved)
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PackedMasks:
-        return PackedMasks(
-            **{f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
-        )
+        return self._map_tensors(torch.Tensor.pin_memory)
 
     @property
     def num_targets(self) -> int:

@@ -22,7 +22,8 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(get_preset("tiny"), ["train.steps=7", "optim.lr=1e-3", "train.amp=false", "masks.target_scale=0.1,0.12"])
+    overrides = ["train.steps=7", "optim.lr=1e-3", "train.amp=false", "masks.target_scale=0.1,0.12"]
+    cfg = apply_overrides(get_preset("tiny"), overrides)
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == 1e-3 and cfg.train.amp is False
     assert cfg.masks.target_scale == (0.1, 0.12)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HAS_CUDA
+from helpers import micro_config
 
 from ajepa.data import build_dataset, make_loader
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
 from ajepa.train import lr_at, momentum_at, param_groups, wd_at
-from conftest import HAS_CUDA
-from helpers import micro_config
 
 STEPS = 20
 # Small enough for the interpreter (~1.5 s per fused step on 2 cores), with unequal context lengths,
@@ -74,7 +74,8 @@ def run(cfg, impl: str, dtype: torch.dtype, device: str, autocast: bool = False)
 def _assert_within_rule(name, fused, ref, gold, floor):
     err_fused = (fused - gold).abs().max().item()
     err_ref = (ref - gold).abs().max().item()
-    assert err_fused <= 2 * err_ref + floor, f"{name}: fused error {err_fused:.3e} > 2 x reference error {err_ref:.3e} + {floor:.1e}"
+    assert err_fused <= 2 * err_ref + floor, (
+        f"{name}: fused error {err_fused:.3e} > 2 x reference error {err_ref:.3e} + {floor:.1e}")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 import torch
 import torch.nn.functional as F
+from helpers import micro_config
 
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA, sincos_pos_embed
-from helpers import micro_config
 
 
 def _setup(seed=0, batch=3):

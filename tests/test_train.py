@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import micro_config
 
 from ajepa.train import lr_at, momentum_at, train, wd_at
-from helpers import micro_config
 
 
 def test_schedules():
