@@ -444,12 +444,23 @@ def build_payload(
         "versions": versions(),
         "git": git_info(),
         "floors": asdict(floors) if floors is not None else None,
+        "attention_tiles": attention_tiles(),
         "config": config or {},
         "conventions": CONVENTIONS,
         "results": [asdict(r) for r in records],
         "targets": evaluate_targets(records) if device.get("type") == "cuda" else [],  # GPU targets only
         "skipped": list(skipped or []),
     }
+
+
+def attention_tiles() -> dict | None:
+    """The varlen-attention tile table the Triton launches use in this process (tuned files loaded
+    and their entries; no files: the built-in table). None where Triton is not importable."""
+    try:
+        from kernels.attention import tiles
+    except ImportError:
+        return None
+    return tiles.table_info()
 
 
 def write_json(payload: dict, path: Path) -> Path:
@@ -605,6 +616,13 @@ def markdown_report(payload: dict) -> str:
         f"{' (dirty)' if git.get('dirty') else ''}; {payload.get('created_utc', '')}"
     )
     parts = [head]
+    tiles = payload.get("attention_tiles")
+    if tiles is not None:
+        parts.append(
+            "attention tiles: "
+            + (f"loaded from ({', '.join(Path(f).name for f in tiles['files'])})" if tiles.get("files")
+               else "built-in table")
+        )
     if fl:
         parts.append(
             f"floors (measured this run): copy {fl['copy_gbps']:.0f} GB/s, {fl['matmul_dtype']} matmul "

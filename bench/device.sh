@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one command, sized for a short rationed lease (under 8 minutes on one H100):
-#   1. kernel tests natively (tests/test_gather.py, test_attention.py, test_ema.py)
-#   2. the fused-path parity test (tests/test_fused_path.py), natively with bf16
-#   3. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
-#   4. the end-to-end step benchmark (tiny + base, reference + triton, bf16)
-#   5. one merged JSON and the Markdown table, printed last
+#   1. tile tuning of the attention kernels at A-JEPA shapes (bench/tune_attention.py); the tuned
+#      table is exported as AJEPA_ATTN_TILES, so every later section runs on the tiles it picked
+#   2. kernel tests natively (tests/test_gather.py, test_attention.py, test_attention_tiles.py,
+#      test_ema.py), in parallel when pytest-xdist is there
+#   3. the fused-path parity test (tests/test_fused_path.py), natively with bf16
+#   4. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
+#   5. the end-to-end step benchmark (tiny + base, reference + triton, bf16)
+#   6. one merged JSON and the Markdown table, printed last
 # Run from anywhere: `bash bench/device.sh`. Runs from the source tree (PYTHONPATH=., no pip install).
 # Output goes to $OUT when set (the device machine's return folder), else bench/results/:
-#   device.log, one JSON per benchmark section, the merged *_all.json and speedups.png (6 files, no subfolders).
+#   device.log, the tile table, one JSON per benchmark section, the merged *_all.json and
+#   speedups.png (7 files, no subfolders).
 # Wheels in .whl/ (e.g. xformers 0.0.35, see bench/README.md) are installed into /tmp/site first.
 # Set AJEPA_COMMIT=<sha> to record the commit where no .git travels with the tree.
 # Every section runs under `timeout`, so one slow part cannot eat the others' time.
 # SECTIONS=env,bench-step (comma list) runs only those sections (e.g. a CPU dry run of the plumbing).
+# TUNE=0 skips the tuning and runs everything on the built-in tile table.
 
 set -u
 cd "$(dirname "$0")/.."
@@ -59,7 +64,21 @@ section env 15 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,p
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name())'; \
     $PY -c 'import xformers; print(\"xformers\", xformers.__version__)' 2>&1 | tail -1"
 
-section kernel-tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gather.py tests/test_attention.py tests/test_ema.py
+if [ "${TUNE:-1}" != 0 ]; then
+    section tune-attention 60 "$PY" -m bench.tune_attention
+    TILES=$(find "$OUT_DIR" -maxdepth 1 -name '*_attention-tiles.json' -newer "$MARK" | sort | tail -1)
+    if [ -n "$TILES" ]; then
+        export AJEPA_ATTN_TILES="$TILES"
+        log "=== later sections use the tuned tiles: AJEPA_ATTN_TILES=$TILES"
+    else
+        log "=== no tuned tile table was written: later sections use the built-in table"
+    fi
+fi
+
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)  # 8 workers compile the test kernels in parallel
+section kernel-tests 90 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_gather.py \
+    tests/test_attention.py tests/test_attention_tiles.py tests/test_ema.py
 
 section fused-path-test 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_path.py
 

@@ -473,3 +473,45 @@ def test_kernel_suites_skip_gpu_cases_with_reasons(tmp_path):
     assert "needs a CUDA GPU" in reasons["test_varlen_attention_flex[pred-tf-fwd+bwd]"]
     assert all(r["floor_ms"] and r["median_ms"] > 0 for r in data["results"])
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| attention |")
+
+
+# ---------------------------------------------------------------------------- ahead-of-time compile
+
+
+def _aot(*args: str) -> subprocess.CompletedProcess:
+    # a fresh process without TRITON_INTERPRET: interpreted kernels cannot be compiled
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "bench.aot", "--arch", "90", "--dtypes", "fp16", "--block-ds", "64",
+                           "--table-only", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_aot_compiles_the_table_kernels_for_sm90(tmp_path):
+    """Every kernel the built-in tables launch compiles for an H100 with the installed Triton and
+    fits its shared memory: the check bench/aot.py runs before a GPU lease, here on one dtype."""
+    from bench import aot
+
+    out = tmp_path / "aot.json"
+    r = _aot("--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(out.read_text())["results"]
+    kernels = {x["kernel"] for x in results}
+    assert {"attn_fwd", "attn_dkdv", "attn_dq", "attn_bwd_preprocess", "masked_gather_fwd", "masked_gather_bwd",
+            "gather_layer_norm_fwd", "ema_update"} <= kernels
+    assert all(x["ok"] and x["in_table"] for x in results)
+    attn = [x for x in results if x["kernel"] in ("attn_fwd", "attn_dkdv", "attn_dq")]
+    assert len(attn) == 3 and all(0 < x["shared_bytes"] <= aot.SMEM_LIMIT[90] for x in attn)
+
+
+def test_aot_fails_on_a_tile_that_does_not_fit():
+    r = _aot("--smem-limit", "1024")  # no attention tile fits in 1 KiB
+    assert r.returncode == 1
+    assert "TABLE FAIL attn_fwd" in r.stdout and "shared memory" in r.stdout
+
+
+def test_aot_refuses_the_interpreter(monkeypatch, capsys):
+    from bench import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert aot.main(["--table-only"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err

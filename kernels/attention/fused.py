@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.attention import tiles
+
 _LOG2E = 1.4426950408889634
 # CUDA limits grid dims 1 and 2 to 65535; S lives on dim 2.
 MAX_SEQUENCES = 65535
@@ -268,26 +270,11 @@ def _block_d(head_dim: int) -> int:
 
 
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and warps for one kernel ("fwd" | "dkdv" | "dq"), keyed by padded head dim and dtype.
-
-    BLOCK_M is always the query tile and BLOCK_N the key tile. A program owns one query tile
-    (fwd, dq) or one key tile (dkdv) and loops over the other, so the owned tile is the big one.
-    A fixed table, not autotuned: not yet tuned on a GPU.
-    """
+    """Launch kwargs of one kernel ("fwd" | "dkdv" | "dq"): the tile table of tiles.py."""
     if _interpreting():
         # numpy executes each program: few, mid-sized tiles keep the test suite fast
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # fp32 tiles are twice the bytes: keep them small
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    big = block_d > 64
-    if kind == "fwd":
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if big else 4,
-                    num_stages=2 if big else 3)
-    if kind == "dkdv":
-        return dict(BLOCK_M=32, BLOCK_N=64 if big else 128, num_warps=8 if big else 4,
-                    num_stages=2 if big else 3)
-    return dict(BLOCK_M=64 if big else 128, BLOCK_N=32, num_warps=8 if big else 4,
-                num_stages=2 if big else 3)
+    return tiles.tile(kind, block_d, dtype).kwargs()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
