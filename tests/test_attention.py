@@ -18,6 +18,8 @@ fp32 deviates, with measured reasons (4-5 seeds x shapes of these tests):
   Dh=80 came out up to 3 ulp off, and dq/dk inherit it. Raw error ratios reached 2.9x, 1.16x
   with the allowance, so fp32 Triton uses RTOL = 3 (0.8x worst). The padded-SDPA reference
   keeps RTOL = 2 (0.82x worst, on SDPA's math backend: see check_against_fp64).
+- natively on an H100 (triton 3.6) fp32 Triton dq reached 4.6x at Dh=80 (FA2's delta term, see
+  FP32_TRITON_FACTOR), so CUDA runs use RTOL = 5 for fp32 Triton. fp16/bf16 keep 2 everywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="bf16 and large shapes need a CUDA GPU")
 IMPLS = ("reference", "triton")
 ULP_FLOOR = {torch.float16: 4 * 2.0**-10, torch.bfloat16: 4 * 2.0**-7}
+
+# fp32 exists for testing (training runs bf16). The Triton path is held to more than DESIGN's 2x there:
+# - interpreter: its fp32 tl.dot is numpy's, with its own summation order (3x covers it);
+# - CUDA (H100, triton 3.6): dq reached 4.6x the fp32 loop's max error at head dim 80. FA2's backward
+#   forms dS = P * (dP - delta) with delta = rowsum(dO * O) from the rounded output, where autograd
+#   uses rowsum(P * dP); the difference cancels in exact arithmetic and leaves rounding behind.
+FP32_TRITON_FACTOR = 5 if HAS_CUDA else 3
 
 CASES = {
     "one_sequence": [130],
@@ -138,7 +147,7 @@ def check_against_fp64(impl, lens, heads, head_dim, dtype, layout="strided", max
         if dtype == torch.float32:
             rounded = t.to(dtype)
             allowance = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item()
-            bound = (3 if impl == "triton" else 2) * base_err + allowance
+            bound = (FP32_TRITON_FACTOR if impl == "triton" else 2) * base_err + allowance
         else:
             bound = 2 * base_err if base_err > 0 else ULP_FLOOR[dtype]
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (baseline {base_err:.3e})"
@@ -197,8 +206,11 @@ def test_single_token_sequences_return_v(impl):
     do = torch.randn(3, 2, 16, device=DEVICE)
     o = varlen_attention_qkvpacked(qkv, cu_of(lens), 1, impl=impl)
     o.backward(do)
-    torch.testing.assert_close(o, qkv[:, 2].detach(), rtol=0, atol=0)
-    torch.testing.assert_close(qkv.grad[:, 2], do, rtol=0, atol=0)
+    # exact, except torch's fused CUDA SDPA kernels (the reference on a GPU), which normalize by
+    # a computed sum of one exp and so round (4.8e-7 seen on an H100): fp32 closeness there
+    exact = dict(rtol=0, atol=0) if impl == "triton" or not HAS_CUDA else {}
+    torch.testing.assert_close(o, qkv[:, 2].detach(), **exact)
+    torch.testing.assert_close(qkv.grad[:, 2], do, **exact)
     torch.testing.assert_close(qkv.grad[:, :2], torch.zeros_like(qkv[:, :2]), rtol=0, atol=1e-5)
 
 

@@ -118,10 +118,11 @@ def test_fused_path_matches_reference_bf16():
 def test_fused_model_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) fails on any graph break, e.g. around the custom ops."""
     cfg = micro_config(**PARITY)
+    device = "cuda" if HAS_CUDA else "cpu"
     torch.manual_seed(0)
-    model = AJEPA(cfg, impl="triton")
-    spec = torch.randn(2, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
-    masks = MaskSampler(cfg.masks, cfg.grid, STEPS)(0, 2)
+    model = AJEPA(cfg, impl="triton").to(device)
+    spec = torch.randn(2, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins, device=device)
+    masks = MaskSampler(cfg.masks, cfg.grid, STEPS)(0, 2).to(device)
     eager = model(spec, masks)
     backend = "inductor" if HAS_CUDA else "aot_eager"  # inductor on the CPU would build C++ for minutes
     compiled = torch.compile(model, fullgraph=True, backend=backend)(spec, masks)

@@ -213,25 +213,29 @@ def test_auto_is_reference_on_cpu():
         masked_gather(x, index, impl="cuda")
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _bad_inputs():
-    x = torch.randn(2, 5, 24)
-    pos = torch.randn(5, 24)
-    i = torch.tensor([0, 9])
+    # on the device the Triton path runs on (CUDA, else the CPU interpreter); "meta" is the wrong device
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    pos = torch.randn(5, 24, device=DEVICE)
+    i = torch.tensor([0, 9], device=DEVICE)
     return [
         ("index", x, i.to(torch.int32), None),
         ("index", x, i.float(), None),
         ("index", x, i[None], None),
-        ("index", x, torch.tensor([0, 10]), None),
-        ("index", x, torch.tensor([-1, 0]), None),
+        ("index", x, torch.tensor([0, 10], device=DEVICE), None),
+        ("index", x, torch.tensor([-1, 0], device=DEVICE), None),
         ("index", x, torch.tensor([0, 1], device="meta"), None),
-        ("x", torch.randint(0, 5, (2, 5, 24)), i, None),
-        ("x", torch.randn(24), i, None),
-        ("x", torch.randn(1, 2, 5, 24), i, None),
-        ("pos", x, i, torch.randn(4, 24)),
-        ("pos", x, i, torch.randn(5, 23)),
+        ("x", torch.randint(0, 5, (2, 5, 24), device=DEVICE), i, None),
+        ("x", torch.randn(24, device=DEVICE), i, None),
+        ("x", torch.randn(1, 2, 5, 24, device=DEVICE), i, None),
+        ("pos", x, i, torch.randn(4, 24, device=DEVICE)),
+        ("pos", x, i, torch.randn(5, 23, device=DEVICE)),
         ("pos", x, i, pos.double()),
         ("pos", x, i, torch.randn(5, 24, device="meta")),
-        ("pos", x, i, torch.randn(5, 24, 1)),
+        ("pos", x, i, torch.randn(5, 24, 1, device=DEVICE)),
     ]
 
 
@@ -257,8 +261,8 @@ def test_validate_false_skips_range_check(monkeypatch):
         raise AssertionError("validate=False must not read index values")
 
     monkeypatch.setattr(torch, "aminmax", no_sync)
-    x = torch.randn(2, 5, 24)
-    index = torch.tensor([0, 9])
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    index = torch.tensor([0, 9], device=DEVICE)
     assert torch.equal(
         masked_gather(x, index, impl="triton", validate=False),
         masked_gather(x, index, impl="reference", validate=False),
