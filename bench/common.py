@@ -248,6 +248,20 @@ def time_ms(
     return statistics.median(times) * 1e3
 
 
+def host_us_per_call(fn: Callable[[], object], device: torch.device, grad_to_none=None, calls: int = 20) -> float:
+    """Host time per call of back-to-back calls, no sync between them (microseconds): the CPU cost
+    of launching the work. When it exceeds the GPU time, the case is launch-bound."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        for t in grad_to_none or ():
+            t.grad = None
+        fn()
+    dt = time.perf_counter() - t0
+    synchronize(device)
+    return dt / calls * 1e6
+
+
 def rotation_count(bytes_per_set: int, cache_bytes: int, max_sets: int = 16) -> int:
     """How many distinct random input sets to cycle so that one cycle touches at least 4x the cache:
     no call then finds its inputs in L2 (do_bench flushes L2 too; this also covers CPU timing)."""

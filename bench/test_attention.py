@@ -104,6 +104,38 @@ def _sdpa_padded(c: Case):
     return prepare, run, lambda o: o.transpose(1, 2)[c.seq_id, c.pos]
 
 
+def _enable_pytorch_backed_xformers_ops() -> None:
+    """xformers wheels carry a compiled extension built against one torch (0.0.35: torch 2.10). Under
+    another torch it fails to load, and xformers then marks every op "wasn't built with CUDA
+    support", even the ones that call PyTorch's own kernels (fa2F-pt: aten._flash_attention_*,
+    cutlassF-pt: aten._efficient_attention_*), which need no extension. Re-enable those: the
+    dispatch stays xformers' own, and the op it picks is recorded with each result."""
+    from xformers import _cpp_lib
+    from xformers.ops.fmha import common as fmha_common
+
+    if _cpp_lib._build_metadata is None and not fmha_common._built_with_cuda:
+        fmha_common._built_with_cuda = True
+        err = str(_cpp_lib._cpp_library_load_exception).strip().splitlines()
+        XFORMERS_NOTES["compiled_extension"] = f"not loaded under torch {torch.__version__}: {' '.join(err)[:300]}"
+
+
+def _xformers_op_name(c: Case) -> str | None:
+    """The forward op xformers' dispatcher picks for this case."""
+    try:
+        from xformers.ops.fmha import _dispatch_fw
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+        from xformers.ops.fmha.common import Inputs
+
+        q = c.sets[0][0][None]
+        bias = BlockDiagonalMask.from_seqlens(list(c.lengths), device=q.device)
+        return _dispatch_fw(Inputs(query=q, key=q, value=q, attn_bias=bias), False).NAME
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        return f"unknown ({type(e).__name__})"
+
+
+XFORMERS_NOTES: dict[str, str] = {}
+
+
 def _xformers(c: Case):
     common.skip_unless_cuda("xformers BlockDiagonalMask (FlashAttention kernels)")
     try:
@@ -112,7 +144,8 @@ def _xformers(c: Case):
         pytest.skip(
             f"xformers is not installed ({e}); on the device carry the 0.0.35 wheel in .whl/ (see bench/README.md)"
         )
-    bias = fmha.BlockDiagonalMask.from_seqlens(list(c.lengths))
+    _enable_pytorch_backed_xformers_ops()
+    bias = fmha.BlockDiagonalMask.from_seqlens(list(c.lengths), device=c.cu.device)
 
     def run(q, k, v):
         return memory_efficient_attention(q, k, v, attn_bias=bias)
@@ -189,7 +222,8 @@ def _peer_guard(impl: str, fn):
         return fn()
     except Exception as e:
         if impl in PEERS_THAT_MAY_FAIL and not isinstance(e, pytest.skip.Exception):
-            pytest.skip(f"{impl} failed on this case: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            reason = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            pytest.skip(f"{impl} failed on this case: {type(e).__name__}: {reason[:1500]}")
         raise
 
 
@@ -206,6 +240,9 @@ def _bench(site, mode, impl, op, device, measure):
     tol = 2e-2 if bf16 else 1e-4
     assert err < tol, f"{impl} output differs from the reference: relative error {err:.3g} >= {tol}"
     extra = {"rel_err_vs_reference": err}
+    if impl == "xformers":
+        extra["xformers_op"] = _xformers_op_name(c)
+        extra.update({f"xformers_{k}": v for k, v in XFORMERS_NOTES.items()})
 
     if op == "fwd":
         prepared = [prepare(q, k, v) for q, k, v in c.sets]

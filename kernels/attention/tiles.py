@@ -73,13 +73,16 @@ def default_tile(kind: str, block_d: int, dtype: torch.dtype) -> Tile:
     _key(kind, block_d, dtype)
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: keep them small
         return Tile(64, 32, 4, 2)
-    big = block_d > 64
-    warps, stages = (8, 2) if big else (4, 3)
+    if block_d == 128:  # not tuned yet (A-JEPA's heads are 32 and 64 wide)
+        return {"fwd": Tile(128, 64, 8, 2), "dkdv": Tile(32, 64, 8, 2), "dq": Tile(64, 32, 8, 2)}[kind]
+    # Tuned by bench/tune_attention.py on an H100 (triton 3.6, bf16, base preset, batch 128:
+    # bench/results/20261126-184603_nvidia-h100-80gb-hbm3_attention-tiles.json); head dim 64 from
+    # the encoder's 12 x 64, 32 (and 16) from the predictor's 16 x 32. fp16 shares the bf16 tiles.
     if kind == "fwd":
-        return Tile(128, 64, warps, stages)
-    if kind == "dkdv":
-        return Tile(32, 64 if big else 128, warps, stages)
-    return Tile(64 if big else 128, 32, warps, stages)
+        return Tile(128, 64, 8, 3) if block_d == 64 else Tile(128, 32, 4, 3)
+    if kind == "dkdv":  # a short key tile keeps dk, dv and the loaded q, dO in registers (no spills)
+        return Tile(16, 64, 4, 3) if block_d == 64 else Tile(16, 128, 4, 3)
+    return Tile(64, 32, 4, 3)
 
 
 _OVERRIDES: dict[tuple[str, int, torch.dtype], Tile] = {}
