@@ -151,6 +151,33 @@ def test_table_follows_new_tensors(device):
         assert not torch.equal(got, b)
 
 
+@pytest.mark.parametrize("online_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_aligned_and_unaligned_storage(online_dtype, shift, device):
+    """Views starting `shift` elements into a buffer: shift 0 keeps every pointer 16-byte aligned
+    (the vectorized path), 1 and 3 do not (the scalar path). Both must compute the loop's result,
+    full blocks and tails alike."""
+    n = 2 * fused.BLOCK + 37
+    torch.manual_seed(shift)
+    tbuf = torch.randn(n + 2 * fused.BLOCK + 32, device=device)
+    obuf = torch.randn(tbuf.numel(), device=device).to(online_dtype)
+    start2 = 8 * ((n + 15) // 8) + shift  # a second pair, a gap after the first; 16 bytes x 8 apart
+    targets = [tbuf[shift:shift + n], tbuf[start2:start2 + fused.BLOCK]]
+    onlines = [obuf[shift:shift + n], obuf[start2:start2 + fused.BLOCK]]
+    assert fused._table(targets, onlines)[3] == (16 if shift == 0 else 1)
+    before = [t.clone() for t in targets]
+    want = [t.clone() for t in targets]
+    loop_ema(want, onlines, 0.75)
+    ema_update(targets, onlines, 0.75, impl="triton")
+    for got, w, b, o in zip(targets, want, before, onlines):
+        assert_rounding_close(got, w, b, o, 0.75)
+    untouched = torch.ones(tbuf.numel(), dtype=torch.bool, device=device)
+    untouched[shift:shift + n] = False
+    untouched[start2:start2 + fused.BLOCK] = False
+    assert torch.isfinite(tbuf).all()
+    assert untouched.sum() == tbuf.numel() - n - fused.BLOCK
+
+
 def test_tau_is_a_runtime_argument():
     params = inspect.signature(fused._ema_update_kernel.fn).parameters
     for name in ("tau", "one_minus_tau"):

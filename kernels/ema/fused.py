@@ -42,15 +42,22 @@ def _ema_update_kernel(
     t_ptr = (tl.load(table + i) * ALIGN).to(tl.pointer_type(tl.float32))
     o_ptr = (tl.load(table + n_tensors + i) * ALIGN).to(tl.pointer_type(ONLINE_DTYPE))
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    tp = t_ptr + offs  # [BLOCK]
+    op = o_ptr + offs
+    if ALIGN == 16:
+        # the compiler cannot see through the int-to-pointer cast: say that each block starts
+        # 16-byte aligned and runs contiguous, or every access stays a scalar 4-byte one
+        tp = tl.max_contiguous(tl.multiple_of(tp, 16), BLOCK)
+        op = tl.max_contiguous(tl.multiple_of(op, 16), BLOCK)
     if (blk + 1) * BLOCK <= numel:  # full block: no mask, so loads stay vectorized
-        t = tl.load(t_ptr + offs)
-        o = tl.load(o_ptr + offs).to(tl.float32)
-        tl.store(t_ptr + offs, t * tau + o * one_minus_tau)
+        t = tl.load(tp)
+        o = tl.load(op).to(tl.float32)
+        tl.store(tp, t * tau + o * one_minus_tau)
     else:
         m = offs < numel
-        t = tl.load(t_ptr + offs, mask=m)
-        o = tl.load(o_ptr + offs, mask=m).to(tl.float32)
-        tl.store(t_ptr + offs, t * tau + o * one_minus_tau, mask=m)
+        t = tl.load(tp, mask=m)
+        o = tl.load(op, mask=m).to(tl.float32)
+        tl.store(tp, t * tau + o * one_minus_tau, mask=m)
 
 
 _TABLE_CACHE: OrderedDict = OrderedDict()
