@@ -149,9 +149,12 @@ def other_jobs(dtypes):
             yield (gather._masked_gather_fwd_kernel, {"x": f"*{e}", "index": "*i64", "pos": f"*{e}", "out": f"*{e}"},
                    dict(HAS_POS=True, BLOCK_T=max(1, min(64, 4096 // bd)), BLOCK_D=bd), dict(num_warps=4),
                    "masked_gather_fwd", f"{e} D{D}", True)
-            yield (gather._masked_gather_bwd_kernel,
-                   {"grad": f"*{e}", "perm": "*i64", "rowptr": "*i64", "out": f"*{e}"},
-                   dict(ACC_DTYPE=tl.float32, BLOCK_D=bd), dict(num_warps=4), "masked_gather_bwd", f"{e} D{D}", True)
+            bwd_d = min(bd, 256)
+            for splits in (1, 8):
+                yield (gather._masked_gather_bwd_kernel,
+                       {"grad": f"*{e}", "perm": "*i64", "rowptr": "*i64", "out": f"*{e}" if splits == 1 else "*fp32"},
+                       dict(ACC_DTYPE=tl.float32, SPLITS=splits, BLOCK_R=max(1, min(16, 4096 // bwd_d)), BLOCK_D=bwd_d),
+                       dict(num_warps=4), "masked_gather_bwd", f"{e} D{D} splits {splits}", True)
             yield (gather._gather_layer_norm_fwd_kernel,
                    {"x": f"*{e}", "index": "*i64", "out": f"*{e}", "eps": "fp32"},
                    dict(BLOCK_T=max(1, min(16, 4096 // bd)), BLOCK_D=bd), dict(num_warps=4),

@@ -364,7 +364,8 @@ def gather_bytes(tokens: int, dim: int, elem: int, rows: int, n_pos: int | None,
     """Fewest bytes of masked_gather (out[t] = x[index[t]] + pos[index[t] % N]).
 
     fwd: read T rows of x, the int64 index and pos once, write T rows.
-    bwd: read the T-row gradient and the index, write the dense [rows, D] grad_x and grad_pos.
+    bwd: read the T-row gradient and the index, write the dense [rows, D] grad_x (and grad_pos
+    when n_pos is given).
     """
     pos = (n_pos or 0) * dim * elem
     if op == "fwd":

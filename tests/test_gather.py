@@ -155,6 +155,31 @@ def test_backward_many_duplicates(dtype, device):
         assert err <= 2 * err_ref, (err, err_ref)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_long_segments_split(dtype, device, poison):
+    """pos rows gathered ~30 times each (every token of 24 samples, some twice): the pos gradient
+    sums its long segments in several splits (fp32 partials, then a fixed-order sum). Same rule
+    as above against fp64; the NaN-poisoned partial buffer catches a split that wrote nothing."""
+    gen = torch.Generator().manual_seed(11)
+    B, N, D = 24, 5, 40
+    index = torch.cat([torch.arange(B * N), torch.randint(0, B * N, (37,), generator=gen)]).to(device)
+    assert fused._bwd_splits(index.numel(), N) > 1 and fused._bwd_splits(index.numel(), B * N) == 1
+    x = torch.randn(B, N, D, generator=gen).to(dtype).to(device)
+    pos = torch.randn(N, D, generator=gen).to(dtype).to(device)
+    g = torch.randn(index.numel(), D, generator=gen).to(dtype).to(device)
+    _, (gx_t, gp_t) = _grads(_tri, x, pos, index, g)
+    _, (gx_r, gp_r) = _grads(_ref, x, pos, index, g)
+    _, (gx_64, gp_64) = _grads(_ref, x.double(), pos.double(), index, g.double())
+    assert any(shape[0] > N for shape in poison), "no split partial buffer was allocated"
+    for got, low, exact in ((gx_t, gx_r, gx_64), (gp_t, gp_r, gp_64)):
+        assert torch.isfinite(got).all()
+        err = (got.double() - exact).abs().max().item()
+        err_ref = (low.double() - exact).abs().max().item()
+        assert err <= 2 * err_ref, (err, err_ref)
+    _, (gx_again, gp_again) = _grads(_tri, x, pos, index, g)
+    assert torch.equal(gx_again, gx_t) and torch.equal(gp_again, gp_t)  # deterministic
+
+
 def test_backward_of_sum_stride0_grad(device):
     """out.sum() hands the backward an expanded (all strides 0) gradient."""
     gen = torch.Generator().manual_seed(9)

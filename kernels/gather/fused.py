@@ -8,6 +8,7 @@ functional ops.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -57,26 +58,45 @@ def _masked_gather_bwd_kernel(
     grad,  # [T, D] any strides: gradient of the gathered rows
     perm,  # int64 [T]: t sorted by destination row (stable, so t order within a row)
     rowptr,  # int64 [R + 1]: perm[rowptr[r]:rowptr[r+1]] land in row r
-    out,  # [R, D] contiguous; every row is written (zeros where nothing lands)
+    out,  # SPLITS == 1: [R, D] contiguous, every row written (zeros where nothing lands)
+    #       SPLITS > 1: fp32 [SPLITS, R, D] partial sums, summed afterwards in split order
+    R,
     D,
     stride_gt,
     stride_gd,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # fp32, fp64 for fp64 gradients
+    SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program per destination row: a segmented sum, no atomics, so the result is
-    # deterministic and duplicate indices accumulate in a fixed order.
-    r = tl.program_id(0).to(tl.int64)
+    # A segmented sum, no atomics: deterministic, duplicates accumulate in a fixed order.
+    # A program owns BLOCK_R destination rows x BLOCK_D columns, so each step of the loop loads
+    # BLOCK_R independent gradient rows. Split s sums the s-th chunk of every row's segment:
+    # long segments (e.g. the pos gradient, ~T / N entries a row) spread over SPLITS programs.
+    pid_r = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    row_ok = rows < R
     col_ok = cols < D
-    start = tl.load(rowptr + r)
-    end = tl.load(rowptr + r + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
-    for j in range(start, end):
-        t = tl.load(perm + j)
-        acc += tl.load(grad + t * stride_gt + cols * stride_gd, mask=col_ok, other=0.0).to(ACC_DTYPE)
-    tl.store(out + r * D + cols, acc.to(out.dtype.element_ty), mask=col_ok)
+    start = tl.load(rowptr + rows, mask=row_ok, other=0)
+    count = tl.load(rowptr + rows + 1, mask=row_ok, other=0) - start
+    chunk = (count + SPLITS - 1) // SPLITS
+    first = start + split * chunk  # this split's entries: [first, first + n)
+    n = tl.minimum(chunk, tl.maximum(count - split * chunk, 0))
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC_DTYPE)
+    for j in range(0, tl.max(n, axis=0)):
+        live = j < n  # [BR]
+        t = tl.load(perm + first + j, mask=live, other=0)
+        g = tl.load(grad + t[:, None] * stride_gt + cols[None, :] * stride_gd,
+                    mask=live[:, None] & col_ok[None, :], other=0.0)
+        acc += g.to(ACC_DTYPE)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLITS == 1:
+        tl.store(out + rows[:, None] * D + cols[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out + (split * R + rows)[:, None] * D + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -162,8 +182,15 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int)
     return out
 
 
+def _bwd_splits(n_entries: int, n_rows: int) -> int:
+    """Splits per segment from the mean segment length (host sizes only, no sync): about 8
+    entries a split, at most 32 splits."""
+    mean = n_entries / max(n_rows, 1)
+    return int(min(32, max(1, math.ceil(mean / 8))))
+
+
 def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
-    """out[r] = sum of grad[t] over t with keys[t] == r, summed in t order: [n_rows, D]."""
+    """out[r] = sum of grad[t] over t with keys[t] == r, in a fixed order: [n_rows, D]."""
     D = grad.shape[1]
     out = _empty((n_rows, D), grad.dtype, grad.device)
     if n_rows == 0 or D == 0:
@@ -171,22 +198,34 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     sorted_keys, perm = torch.sort(keys, stable=True)
     bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
     rowptr = torch.searchsorted(sorted_keys, bounds)
-    acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
-    BLOCK_D = min(triton.next_power_of_2(D), 1024)
-    grid = (n_rows, triton.cdiv(D, BLOCK_D))
+    if grad.dtype == torch.float64:  # fp64 sums stay fp64, in one split
+        BLOCK_D = min(triton.next_power_of_2(D), 256)
+        BLOCK_R, splits = max(1, min(16, 2048 // BLOCK_D)), 1
+    else:
+        BLOCK_D = min(triton.next_power_of_2(D), 256)
+        BLOCK_R = max(1, min(16, 4096 // BLOCK_D))
+        splits = _bwd_splits(keys.numel(), n_rows)
+    # SPLITS > 1: fp32 partials, summed below in split order (a fixed-shape torch reduction)
+    dst = out if splits == 1 else _empty((splits * n_rows, D), torch.float32, grad.device)
+    grid = (triton.cdiv(n_rows, BLOCK_R), triton.cdiv(D, BLOCK_D), splits)
     with _device_guard(grad.device):
         _masked_gather_bwd_kernel[grid](
             grad,
             perm,
             rowptr,
-            out,
+            dst,
+            n_rows,
             D,
             grad.stride(0),
             grad.stride(1),
-            ACC_DTYPE=acc,
+            ACC_DTYPE=tl.float64 if grad.dtype == torch.float64 else tl.float32,
+            SPLITS=splits,
+            BLOCK_R=BLOCK_R,
             BLOCK_D=BLOCK_D,
             num_warps=4,
         )
+    if splits > 1:
+        out.copy_(dst.view(splits, n_rows, D).sum(0))
     return out
 
 
