@@ -50,6 +50,13 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="untimed steps first (default: one per distinct batch, so every shape is compiled)",
     )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, profile this many more steps with torch.profiler (GPU only) and record each "
+        "kind of kernel's share of the device time and the top kernels (default: 0, no profile)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed for the model, the masks and the random inputs")
     add_set_option(p, "config override applied to every preset, e.g. --set model.depth=2 (repeatable)")

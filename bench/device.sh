@@ -6,12 +6,13 @@
 #      test_ema.py), in parallel when pytest-xdist is there
 #   3. the fused-path parity test (tests/test_fused_path.py), natively with bf16
 #   4. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
-#   5. the end-to-end step benchmark (tiny + base, reference + triton, bf16)
+#   5. the end-to-end step benchmark (tiny + base, reference + triton, bf16, with a kernel profile),
+#      then the fused path again at base B=64, the batch the reference path fits
 #   6. one merged JSON and the Markdown table, printed last
 # Run from anywhere: `bash bench/device.sh`. Runs from the source tree (PYTHONPATH=., no pip install).
 # Output goes to $OUT when set (the device machine's return folder), else bench/results/:
 #   device.log, the tile table, one JSON per benchmark section, the merged *_all.json and
-#   speedups.png (7 files, no subfolders).
+#   speedups.png (8 files, no subfolders; 7 with TUNE=0).
 # Wheels in .whl/ (e.g. xformers 0.0.35, see bench/README.md) are installed into /tmp/site first.
 # Set AJEPA_COMMIT=<sha> to record the commit where no .git travels with the tree.
 # Every section runs under `timeout`, so one slow part cannot eat the others' time.
@@ -84,7 +85,9 @@ section fused-path-test 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_fus
 
 section bench-gather-ema 55 "$PY" -m pytest -q -p no:cacheprovider bench/test_gather.py bench/test_ema.py
 section bench-attention 115 "$PY" -m pytest -q -p no:cacheprovider bench/test_attention.py
-section bench-step 105 "$PY" -m bench.step --no-progress
+section bench-step 105 "$PY" -m bench.step --no-progress --profile-steps 3
+# the fused path at the batch the reference path fits (it runs out of memory at base B=128)
+section bench-step-b64 40 "$PY" -m bench.step --no-progress --preset base --batch-size 64 --impl triton
 
 log ""
 log "=== summary (total $(($(date +%s) - T0))s before the report)"

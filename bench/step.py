@@ -104,6 +104,60 @@ class StepResult:
     tf_batches: int
     ctx_tokens: float
     pred_tokens: float
+    profile: dict | None = None
+
+
+# kernel-name patterns of each category of the step's device time (first match wins)
+PROFILE_CATEGORIES = (
+    ("ajepa attention (Triton)", ("_varlen_attn_",)),
+    ("ajepa gather / layer norm (Triton)", ("_masked_gather_", "_gather_layer_norm_")),
+    ("ajepa EMA (Triton)", ("_ema_update_",)),
+    ("torch attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm / softmax / reductions", ("norm", "softmax", "reduce")),
+    ("elementwise, copies, other", ("",)),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for label, keys in PROFILE_CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return label
+    return PROFILE_CATEGORIES[-1][0]
+
+
+def profile_steps(step_fn, n: int, top: int = 12) -> dict:
+    """Device time of n steps by kernel (torch.profiler): the top kernels and each category's share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step_fn()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us and us > 0 and evt.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((evt.key, float(us) / n, int(evt.count) // n))
+    total = sum(us for _, us, _ in rows) or 1.0
+    cats: dict[str, float] = {}
+    for name, us, _ in rows:
+        cats[_category(name)] = cats.get(_category(name), 0.0) + us
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "steps": n,
+        "device_ms_per_step": total / 1e3,
+        "categories_pct": {k: round(100 * v / total, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:160], "ms_per_step": round(us / 1e3, 4), "pct": round(100 * us / total, 2),
+             "launches_per_step": calls}
+            for name, us, calls in rows[:top]
+        ],
+    }
 
 
 
@@ -146,6 +200,7 @@ def run_one(
     warmup: int | None,
     seed: int,
     progress: bool,
+    profile: int = 0,
 ) -> StepResult:
     from tqdm import tqdm
 
@@ -198,6 +253,15 @@ def run_one(
         common.synchronize(device)
         if cuda:
             times = [s.elapsed_time(e) for s, e in events]
+        prof = None
+        if profile > 0 and cuda:
+            b = batches[0]
+            try:
+                prof = profile_steps(
+                    lambda: train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau), profile
+                )
+            except Exception as e:  # noqa: BLE001 - the profile is a diagnostic: never lose the timings
+                prof = {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
         bar.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
@@ -217,6 +281,7 @@ def run_one(
         tf_batches=sum(int(b[2].use_tf) for b in batches),
         ctx_tokens=statistics.fmean(b[3]["ctx_tokens"] for b in batches),
         pred_tokens=statistics.fmean(b[3]["pred_tokens"] for b in batches),
+        profile=prof,
     )
 
 
@@ -270,6 +335,8 @@ def to_record(res: StepResult, floors: common.Floors, dtype: str) -> common.Reco
         pred_tokens_per_step=res.pred_tokens,
         tokens_per_sample=res.tokens_per_sample,
     )
+    if res.profile is not None:
+        rec.extra["profile"] = res.profile
     rec.extra["mfu_pct"] = rec.pct_of_floor  # FLOPs only: the floor is the matmul time, so this is MFU
     return rec
 
@@ -295,8 +362,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     impls = args.impl or (["reference", "triton"] if cuda else ["reference"])
     steps = args.steps if args.steps is not None else (10 if cuda else 3)
     distinct = args.distinct if args.distinct is not None else (4 if cuda else 2)
-    if steps < 1 or distinct < 1 or (args.warmup is not None and args.warmup < 0):
-        raise ValueError("--steps and --distinct must be >= 1, --warmup >= 0")
+    if steps < 1 or distinct < 1 or (args.warmup is not None and args.warmup < 0) or args.profile_steps < 0:
+        raise ValueError("--steps and --distinct must be >= 1, --warmup and --profile-steps >= 0")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     configs = {name: apply_overrides(get_preset(name), list(args.overrides)) for name in presets}
@@ -362,6 +429,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                 warmup=args.warmup,
                 seed=args.seed,
                 progress=not args.no_progress,
+                profile=args.profile_steps,
             )
             rec = to_record(res, floors, dtype)
             records.append(rec)
@@ -376,6 +444,9 @@ def run_from_args(args: argparse.Namespace) -> int:
                 f"MFU {rec.extra['mfu_pct']:.1f}%, loss {res.final_loss:.4f}",
                 flush=True,
             )
+            if res.profile and "categories_pct" in res.profile:
+                shares = ", ".join(f"{k} {v:.1f}%" for k, v in res.profile["categories_pct"].items())
+                print(f"[step] {name} device time by kind: {shares}", flush=True)
             save()
             if cuda:
                 gc.collect()

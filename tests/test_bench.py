@@ -394,6 +394,29 @@ def test_ajepa_bench_command(monkeypatch, capsys):
     assert "--steps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "kernel,category",
+    [
+        ("_varlen_attn_bwd_dkdv_kernel", "ajepa attention (Triton)"),
+        ("_masked_gather_bwd_kernel", "ajepa gather / layer norm (Triton)"),
+        ("_ema_update_kernel", "ajepa EMA (Triton)"),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "torch attention (SDPA)"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>", "norm / softmax / reductions"),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "elementwise, copies, other"),
+    ],
+)
+def test_profile_categories(kernel, category):
+    assert step_bench._category(kernel) == category
+
+
+def test_step_bench_rejects_negative_profile_steps(capsys):
+    assert step_bench.main(["--device", "cpu", "--profile-steps", "-1", "--no-json"]) == 2
+    assert "--profile-steps" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter route")
 def test_step_bench_triton_wiring_through_the_interpreter(tmp_path, monkeypatch):
     """AJEPA_BENCH_INTERPRET=1 runs the fused path's step on the CPU through the Triton interpreter:
