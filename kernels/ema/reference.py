@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 ONLINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TENSOR_TYPES = {Tensor, torch.nn.Parameter}
 
 
 def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Tensor], list[Tensor], float]:
@@ -31,6 +32,29 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
             raise ValueError(f"{op}: target and online must be sequences of tensors ({e})") from None
     if len(targets) != len(onlines):
         raise ValueError(f"{op}: target and online have different lengths ({len(targets)} vs {len(onlines)})")
+    if not _all_pairs_valid(targets, onlines):
+        _check_pairs(targets, onlines, op)  # the authority: names the first bad pair
+    return targets, onlines, _check_tau(tau, op)
+
+
+def _all_pairs_valid(targets: list, onlines: list) -> bool:
+    """Fast path of _check_pairs, a whole list at a time (an EMA step checks every parameter: ~700
+    tensors for ViT-B). False sends the lists through _check_pairs, which also accepts what this
+    does not know (tensor subclasses such as DTensor) and names the first bad pair otherwise."""
+    try:
+        return (
+            {type(t) for t in targets} <= _TENSOR_TYPES
+            and {type(o) for o in onlines} <= _TENSOR_TYPES
+            and {t.dtype for t in targets} == {torch.float32}
+            and {o.dtype for o in onlines} <= set(ONLINE_DTYPES)
+            and [t.shape for t in targets] == [o.shape for o in onlines]
+            and [t.device for t in targets] == [o.device for o in onlines]
+        ) or not targets
+    except AttributeError:  # not a tensor at all
+        return False
+
+
+def _check_pairs(targets: list, onlines: list, op: str) -> None:
     for i, (t, o) in enumerate(zip(targets, onlines)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{op}: target[{i}] is a {type(t).__name__}, not a tensor")
@@ -46,6 +70,9 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
             )
         if t.device != o.device:
             raise ValueError(f"{op}: target[{i}] device {t.device} differs from online[{i}] device {o.device}")
+
+
+def _check_tau(tau, op: str) -> float:
     if isinstance(tau, Tensor):
         if tau.dim() != 0 or not tau.is_floating_point():
             raise ValueError(
@@ -57,7 +84,7 @@ def check_ema_args(target, online, tau, op: str = "ema_update") -> tuple[list[Te
     tau = float(tau)
     if math.isnan(tau) or not 0.0 <= tau <= 1.0:
         raise ValueError(f"{op}: tau must lie in [0, 1], got {tau}")
-    return targets, onlines, tau
+    return tau
 
 
 def ema_update_ref(target, online, tau) -> None:
