@@ -172,16 +172,22 @@ def git_info(root: Path = ROOT) -> dict:
             return None
         return r.stdout.strip() if r.returncode == 0 else None
 
+    source = source_hash(root)
+    explicit = os.environ.get("AJEPA_COMMIT")
+    if explicit:
+        # set by whoever sent the tree: it wins over git, whose answer on a copied tree can be stale
+        # (the first H100 runs found the session's starting HEAD there, with "local changes")
+        return {"commit": explicit, "commit_source": "AJEPA_COMMIT", "dirty": None, "source_sha256": source}
     commit = git("rev-parse", "HEAD")
     dirty = None
     if commit is not None:
         status = git("status", "--porcelain", "--untracked-files=no")
         dirty = bool(status) if status is not None else None
     return {
-        "commit": commit or os.environ.get("AJEPA_COMMIT") or None,
-        "commit_source": "git" if commit else ("AJEPA_COMMIT" if os.environ.get("AJEPA_COMMIT") else None),
+        "commit": commit,
+        "commit_source": "git" if commit else None,
         "dirty": dirty,
-        "source_sha256": source_hash(root),
+        "source_sha256": source,
     }
 
 

@@ -214,6 +214,14 @@ def test_git_info_without_git_uses_the_environment(tmp_path, monkeypatch):
     assert info["dirty"] is None
 
 
+def test_explicit_commit_wins_over_git(monkeypatch):
+    """A tree copied to another machine can carry a stale .git: the sender's AJEPA_COMMIT wins."""
+    monkeypatch.setenv("AJEPA_COMMIT", "feedbeef")
+    info = common.git_info.__wrapped__(ROOT)  # uncached: ROOT is a git checkout here
+    assert info["commit"] == "feedbeef" and info["commit_source"] == "AJEPA_COMMIT"
+    assert info["source_sha256"] == common.source_hash(ROOT)
+
+
 def test_result_names_are_safe():
     assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.slug("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
