@@ -55,6 +55,20 @@ def masks_for(preset: str, mode: str, batch_size: int, step: int = 0, seed: int 
     return MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, seed)(step, batch_size)
 
 
+def attention_site(preset: str, mode: str, batch_size: int, site: str) -> tuple[torch.Tensor, int, int, list[int]]:
+    """(cu_seqlens, heads, head dim, lengths) of one attention site on real sampler masks:
+    "enc" the context encoder (one sequence per sample), "pred" the predictor (one per sample and block)."""
+    cfg = config_for(preset, mode)
+    m = masks_for(preset, mode, batch_size)
+    if site == "enc":
+        cu, H, dim = m.cu_ctx, cfg.model.num_heads, cfg.model.embed_dim
+    elif site == "pred":
+        cu, H, dim = m.cu_pred, cfg.model.pred_heads, cfg.model.pred_dim
+    else:
+        raise ValueError(f"attention site must be 'enc' or 'pred', got {site!r}")
+    return cu, H, dim // H, lengths(cu)
+
+
 def lengths(cu_seqlens: torch.Tensor) -> list[int]:
     cu = cu_seqlens.tolist()
     return [b - a for a, b in zip(cu[:-1], cu[1:])]

@@ -52,14 +52,7 @@ def case_for(device: torch.device, site: str, mode: str) -> Case:
     key = (site, mode)
     if key not in _CACHE:
         _CACHE.clear()
-        cfg = cases.config_for(SCALE.preset, mode)
-        m = cases.masks_for(SCALE.preset, mode, SCALE.batch_size)
-        if site == "enc":
-            cu, H, dim = m.cu_ctx, cfg.model.num_heads, cfg.model.embed_dim
-        else:
-            cu, H, dim = m.cu_pred, cfg.model.pred_heads, cfg.model.pred_dim
-        d = dim // H
-        lens = cases.lengths(cu)
+        cu, H, d, lens = cases.attention_site(SCALE.preset, mode, SCALE.batch_size, site)
         T = sum(lens)
         dtype = cases.dtype_for(device)
         elem = torch.empty((), dtype=dtype).element_size()

@@ -31,14 +31,7 @@ SITES = ("enc", "pred")
 
 
 def _inputs(site: str, mode: str, scale: cases.Scale, device: torch.device, dtype: torch.dtype):
-    cfg = cases.config_for(scale.preset, mode)
-    m = cases.masks_for(scale.preset, mode, scale.batch_size)
-    if site == "enc":
-        cu, H, dim = m.cu_ctx, cfg.model.num_heads, cfg.model.embed_dim
-    else:
-        cu, H, dim = m.cu_pred, cfg.model.pred_heads, cfg.model.pred_dim
-    d = dim // H
-    lens = cases.lengths(cu)
+    cu, H, d, lens = cases.attention_site(scale.preset, mode, scale.batch_size, site)
     T = sum(lens)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, do = (torch.randn(T, H, d, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
