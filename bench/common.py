@@ -520,15 +520,25 @@ def kernel_table(records: list[Record]) -> str:
     if not rows:
         return ""
     lines = [
-        "| suite | case | op | impl | median ms | GB/s | TFLOP/s | % of floor | x slower than fused |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| suite | case | op | impl | median ms | GB/s | TFLOP/s | % of floor | x slower than fused | host us/call |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        host = r.extra.get("host_us_per_call")
+        flag = " (host-bound)" if host_bound(r) else ""
         lines.append(
             f"| {r.suite} | {r.case} | {r.op} | {r.impl} | {_fmt(r.median_ms, '.4g')} | {_fmt(r.gbps, '.0f')} | "
-            f"{_fmt(r.tflops, '.1f')} | {_fmt(r.pct_of_floor, '.1f')} | {_fmt(r.speedup_of_fused, '.2f')} |"
+            f"{_fmt(r.tflops, '.1f')} | {_fmt(r.pct_of_floor, '.1f')} | {_fmt(r.speedup_of_fused, '.2f')} | "
+            f"{_fmt(host, '.0f')}{flag} |"
         )
     return "\n".join(lines)
+
+
+def host_bound(r: Record) -> bool:
+    """The CPU's launch work per call takes at least 80% of the measured GPU median: the median then
+    measures the host (do_bench's L2 flush hides only tens of microseconds of it), not the kernels."""
+    host = r.extra.get("host_us_per_call")
+    return host is not None and r.median_ms > 0 and host >= 0.8 * r.median_ms * 1e3
 
 
 def step_table(records: list[Record]) -> str:

@@ -222,6 +222,20 @@ def test_explicit_commit_wins_over_git(monkeypatch):
     assert info["source_sha256"] == common.source_hash(ROOT)
 
 
+def test_kernel_table_flags_host_bound_results():
+    f = common.Floors(3000.0, 800.0, "bfloat16", 2 * 2**30, 8192, "cuda")
+    def rec(impl, ms, **extra):
+        return common.make_record("ema", "set", "update", impl, ms, f, bytes_moved=1.6e9, **extra)
+
+    launch_bound = rec("triton", 1.2, host_us_per_call=1100.0)
+    gpu_bound = rec("foreach_lerp", 0.62, host_us_per_call=260.0)
+    no_host = rec("ijepa_loop", 12.0)
+    assert common.host_bound(launch_bound) and not common.host_bound(gpu_bound) and not common.host_bound(no_host)
+    rows = common.kernel_table([launch_bound, gpu_bound, no_host]).splitlines()
+    assert rows[0].endswith("| host us/call |")
+    assert rows[2].endswith("| 1100 (host-bound) |") and rows[3].endswith("| 260 |") and rows[4].endswith("| - |")
+
+
 def test_result_names_are_safe():
     assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.slug("AMD EPYC 7B13 64-Core Processor") == "amd-epyc-7b13-64-core-processor"
