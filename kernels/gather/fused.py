@@ -316,7 +316,7 @@ def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None = None, va
 
     x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None -> out [T, D]:
     out[t] = x.reshape(-1, D)[index[t]] (+ pos[index[t] % N]). Backward: deterministic
-    segmented scatter-add (duplicates summed in index order, fp32 accumulation).
+    segmented scatter-add (duplicates summed in a fixed order, fp32 accumulation).
     """
     n_pos = check_gather_args(x, index, pos, validate, "masked_gather")
     return MaskedGather.apply(x, index, pos, n_pos)
