@@ -178,6 +178,19 @@ def test_aligned_and_unaligned_storage(online_dtype, shift, device):
     assert untouched.sum() == tbuf.numel() - n - fused.BLOCK
 
 
+@pytest.mark.parametrize("with_nonempty", [False, True])
+def test_empty_tensors(with_nonempty, device):
+    """Zero-element pairs (alone, or beside a real one in another online dtype) are no work, not an error."""
+    targets = [torch.zeros(0, device=device), torch.zeros(0, 3, device=device)]
+    onlines = [torch.zeros(0, device=device), torch.zeros(0, 3, device=device)]
+    if with_nonempty:
+        targets.append(torch.ones(5, device=device))
+        onlines.append(torch.full((5,), 3.0, device=device, dtype=torch.float16))
+    ema_update(targets, onlines, 0.5, impl="triton")
+    if with_nonempty:
+        assert torch.equal(targets[-1], torch.full((5,), 2.0, device=device))
+
+
 def test_tau_is_a_runtime_argument():
     params = inspect.signature(fused._ema_update_kernel.fn).parameters
     for name in ("tau", "one_minus_tau"):

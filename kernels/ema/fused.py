@@ -73,7 +73,7 @@ def _table(targets: list[Tensor], onlines: list[Tensor]) -> tuple[Tensor, int, i
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    align = _ALIGN if all(tp % _ALIGN == 0 and op % _ALIGN == 0 for tp, op, _ in entries) else 1
+    align = _ALIGN if all(tp % _ALIGN == 0 and op % _ALIGN == 0 for tp, op, n in entries if n > 0) else 1
     ptrs = torch.tensor([[tp // align, op // align, n] for tp, op, n in entries], dtype=torch.int64)
     nblk = (ptrs[:, 2] + BLOCK - 1) // BLOCK
     tensor_id = torch.repeat_interleave(torch.arange(len(entries)), nblk)
@@ -108,18 +108,16 @@ def _ema_launch(targets: list[Tensor], onlines: list[Tensor], tau: float, one_mi
 
 
 def _ema_groups(target: list[Tensor], online: list[Tensor], tau: float, one_minus_tau: float) -> None:
-    """One launch per (device, online dtype) group; one in total for a normal model."""
-    if len({o.dtype for o in online}) == 1 and len({t.device for t in target}) == 1:
-        target, online = zip(*[(t, o) for t, o in zip(target, online) if t.numel() > 0]) or ((), ())
-        if target:
-            _ema_launch(list(target), list(online), tau, one_minus_tau)
+    """One launch per (device, online dtype) group; one in total for a normal model. Empty tensors
+    get no blocks in the table, so they need no filtering."""
+    if len({(t.device, o.dtype) for t, o in zip(target, online)}) == 1:
+        _ema_launch(list(target), list(online), tau, one_minus_tau)
         return
     groups: dict = {}
     for t, o in zip(target, online):
-        if t.numel() > 0:
-            g = groups.setdefault((t.device, o.dtype), ([], []))
-            g[0].append(t)
-            g[1].append(o)
+        g = groups.setdefault((t.device, o.dtype), ([], []))
+        g[0].append(t)
+        g[1].append(o)
     for ts, os_ in groups.values():
         _ema_launch(ts, os_, tau, one_minus_tau)
 
