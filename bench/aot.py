@@ -84,6 +84,7 @@ def _res_usage(cubin: bytes) -> tuple[int | None, int | None]:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    out = out[out.find("Function"):]  # the kernel's own line, not the module's "Common" section
     reg = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)

@@ -145,13 +145,16 @@ def candidates(kind: str, block_d: int, dtype: torch.dtype) -> list[Tile]:
 # --------------------------------------------------------------------------------- files
 
 
-def tiles_payload(entries: dict[tuple[str, int, torch.dtype], Tile], device: str, extra: dict | None = None) -> dict:
-    """The JSON a tuned table is saved as (load_tiles reads it back)."""
-    rows = [
+def _rows(entries: dict[tuple[str, int, torch.dtype], Tile]) -> list[dict]:
+    return [
         {"kind": k, "block_d": d, "dtype": DTYPE_NAMES[dt], **t.kwargs()}
         for (k, d, dt), t in sorted(entries.items(), key=lambda kv: (kv[0][0], kv[0][1], DTYPE_NAMES[kv[0][2]]))
     ]
-    return {"schema": SCHEMA, "device": device, "tiles": rows, **(extra or {})}
+
+
+def tiles_payload(entries: dict[tuple[str, int, torch.dtype], Tile], device: str, extra: dict | None = None) -> dict:
+    """The JSON a tuned table is saved as (load_tiles reads it back)."""
+    return {"schema": SCHEMA, "device": device, "tiles": _rows(entries), **(extra or {})}
 
 
 def parse_tiles(data: object, where: str = "tiles") -> dict[tuple[str, int, torch.dtype], Tile]:
@@ -198,7 +201,7 @@ def load_tiles(path: str | os.PathLike) -> int:
 
 def table_info() -> dict:
     """What the launches use now, for benchmark records: the loaded files and their entries."""
-    return {"files": list(_SOURCE), "overrides": tiles_payload(_OVERRIDES, device="")["tiles"]}
+    return {"files": list(_SOURCE), "overrides": _rows(_OVERRIDES)}
 
 
 def _load_from_env() -> None:

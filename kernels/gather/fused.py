@@ -198,13 +198,10 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     sorted_keys, perm = torch.sort(keys, stable=True)
     bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
     rowptr = torch.searchsorted(sorted_keys, bounds)
-    if grad.dtype == torch.float64:  # fp64 sums stay fp64, in one split
-        BLOCK_D = min(triton.next_power_of_2(D), 256)
-        BLOCK_R, splits = max(1, min(16, 2048 // BLOCK_D)), 1
-    else:
-        BLOCK_D = min(triton.next_power_of_2(D), 256)
-        BLOCK_R = max(1, min(16, 4096 // BLOCK_D))
-        splits = _bwd_splits(keys.numel(), n_rows)
+    fp64 = grad.dtype == torch.float64  # fp64 sums stay fp64, in one split, half the tile
+    BLOCK_D = min(triton.next_power_of_2(D), 256)
+    BLOCK_R = max(1, min(16, (2048 if fp64 else 4096) // BLOCK_D))
+    splits = 1 if fp64 else _bwd_splits(keys.numel(), n_rows)
     # SPLITS > 1: fp32 partials, summed below in split order (a fixed-shape torch reduction)
     dst = out if splits == 1 else _empty((splits * n_rows, D), torch.float32, grad.device)
     grid = (triton.cdiv(n_rows, BLOCK_R), triton.cdiv(D, BLOCK_D), splits)
@@ -218,7 +215,7 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
             D,
             grad.stride(0),
             grad.stride(1),
-            ACC_DTYPE=tl.float64 if grad.dtype == torch.float64 else tl.float32,
+            ACC_DTYPE=tl.float64 if fp64 else tl.float32,
             SPLITS=splits,
             BLOCK_R=BLOCK_R,
             BLOCK_D=BLOCK_D,
