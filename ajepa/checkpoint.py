@@ -16,9 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+# The numpy pieces a training checkpoint's RNG state needs; nothing else may be unpickled.
+_NUMPY_SAFE = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+# What `--resume` needs from a training checkpoint.
+TRAINING_KEYS = ("step", "config", "model", "optimizer")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
@@ -53,22 +58,35 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("Check the documentation")]
+    return lines[-1] if lines else repr(exc)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", require: tuple[str, ...] = ()) -> dict:
+    """Load an ajepa checkpoint with ``torch.load(weights_only=True)``: tensors, plain containers and
+    numpy's RNG-state arrays only, so no code in the file can run. Checks the format version and
+    that the entries named in `require` are present; every failure is a one-line ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_SAFE):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable ajepa checkpoint ({exc})") from exc
+        raise ValueError(f"{path}: not a readable ajepa checkpoint ({type(exc).__name__}: {_last_line(exc)})") from None
     version = state.get("format_version") if isinstance(state, dict) else None
-    if version is None:
+    if not isinstance(version, int):
         raise ValueError(f"{path}: not an ajepa checkpoint (no format_version)")
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format {version} is newer than this ajepa understands "
             f"({FORMAT_VERSION}); upgrade ajepa"
         )
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks its {', '.join(repr(k) for k in missing)} "
+                         f"entr{'y' if len(missing) == 1 else 'ies'}")
     return state
 
 
@@ -132,7 +150,7 @@ class CheckpointDir:
             raise
         _fsync_dir(self.folder)
 
-    def load_latest(self, map_location="cpu") -> tuple[dict, Path] | None:
+    def load_latest(self, map_location="cpu", require: tuple[str, ...] = TRAINING_KEYS) -> tuple[dict, Path] | None:
         """The newest checkpoint that loads, trying numbered ones newest first, then checkpoint.pt.
 
         Returns None if the folder holds none. A file that fails to load is reported and skipped,
@@ -144,7 +162,7 @@ class CheckpointDir:
             if not path.is_file():
                 continue
             try:
-                return load_checkpoint(path, map_location), path
+                return load_checkpoint(path, map_location, require), path
             except ValueError as exc:
                 log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
                 errors.append(str(exc))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
+
+from ajepa.maskgeom import context_room
 
 IMPLS = ("auto", "triton", "reference")
 MASK_MODES = ("curriculum", "multiblock", "tf")
@@ -24,6 +27,62 @@ PARALLEL = ("ddp", "fsdp")
 
 class ConfigError(ValueError):
     """A config that cannot run: unknown key, wrong type or impossible setting."""
+
+
+MAX_YAML_BYTES = 1 << 20  # a config is a few hundred bytes; anything near this is not one
+_SHORT = 80
+
+
+def _short(value) -> str:
+    """repr(value), cut to a readable length: an error message never prints a huge value."""
+    text = repr(value)
+    return text if len(text) <= _SHORT else f"{text[:_SHORT - 15]}... ({len(text)} chars)"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: a config never needs them, and a few
+    nested aliases expand to gigabytes (the 'billion laughs' document)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a config "
+                              f"(line {event.start_mark.line + 1})")
+        node = super().compose_node(parent, index)
+        if getattr(node, "anchor", None):
+            raise ConfigError(f"YAML anchors (&{node.anchor}) are not allowed in a config")
+        return node
+
+
+def parse_yaml(text: str, where: str):
+    """Parse one YAML document safely: no aliases, at most MAX_YAML_BYTES, errors as ConfigError."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES} bytes; not a config")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{at}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file's contents, with one-line errors for unreadable or non-UTF-8 files."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES and what == "config":
+            raise ConfigError(f"{what} file {path}: larger than {MAX_YAML_BYTES} bytes; not a config")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} file {path}: not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {path}: is a folder, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} file {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 @dataclass(frozen=True)
@@ -177,17 +236,17 @@ def _convert(value, tp, where: str):
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {_short(value)}")
         return tuple(_convert(v, a, where) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+        raise ConfigError(f"{where}: expected a boolean, got {_short(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -197,18 +256,20 @@ def _convert(value, tp, where: str):
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}") from None
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+        # Strings stay strings: `path: 0x10` or `path: null`-like YAML scalars are never re-read
+        # as something else, they are refused (quote them).
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_short(value)} (quote it in YAML)")
+        return value
     raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
 
 
@@ -224,15 +285,15 @@ def from_dict(data: dict, base: Config | None = None) -> Config:
     sections = {f.name: f for f in fields(Config)}
     updates = {}
     for sec_name, sec_data in data.items():
-        if sec_name not in sections:
-            raise ConfigError(f"unknown config section {sec_name!r}; sections are {sorted(sections)}")
+        if not isinstance(sec_name, str) or sec_name not in sections:
+            raise ConfigError(f"unknown config section {_short(sec_name)}; sections are {sorted(sections)}")
         sec = getattr(base, sec_name)
         if not isinstance(sec_data, dict):
-            raise ConfigError(f"{sec_name}: expected a mapping, got {sec_data!r}")
+            raise ConfigError(f"{sec_name}: expected a mapping, got {_short(sec_data)}")
         hints = _hints(type(sec))
         kw = {}
         for key, value in sec_data.items():
-            if key not in hints:
+            if not isinstance(key, str) or key not in hints:
                 raise ConfigError(f"unknown config key {sec_name}.{key}; {sec_name} has {sorted(hints)}")
             kw[key] = _convert(value, hints[key], f"{sec_name}.{key}")
         updates[sec_name] = replace(sec, **kw)
@@ -252,21 +313,43 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def load_config(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(data, base)
+    data = parse_yaml(read_text(path, "config"), f"config file {path}")
+    return from_dict(data if data is not None else {}, base)
+
+
+def _is_string_field(section: str, key: str) -> bool:
+    cls = {f.name: f.default_factory for f in fields(Config)}.get(section)
+    tp = _hints(cls).get(key) if cls is not None else None
+    return tp is not None and (tp is str or str in typing.get_args(tp))
 
 
 def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
-    """Apply `section.key=value` strings, e.g. ``train.steps=100``."""
+    """Apply `section.key=value` strings, e.g. ``train.steps=100``.
+
+    A string field (a path, a device, a mode) takes the text after `=` as it is; other fields read
+    it as a YAML scalar or list (``0.1,0.2`` and ``[0.1, 0.2]`` both give a pair)."""
     data: dict[str, dict] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
-        data.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value) if value.strip() else value
+            raise ConfigError(f"override {_short(item)} must look like section.key=value, e.g. train.steps=100")
+        if _is_string_field(*parts) or not value.strip():
+            parsed = value
+        else:
+            parsed = parse_yaml(value, f"--set {parts[0]}.{parts[1]}")
+        data.setdefault(parts[0], {})[parts[1]] = parsed
+    return from_dict(data, cfg) if data else cfg
+
+
+def set_fields(cfg: Config, values: dict[str, object]) -> Config:
+    """Set `section.key` fields to already-typed values (command-line flags), validated."""
+    data: dict[str, dict] = {}
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        data.setdefault(section, {})[key] = value
     return from_dict(data, cfg) if data else cfg
 
 
@@ -279,9 +362,45 @@ def _check_range(name: str, lo_hi: tuple[float, float], lo: float, hi: float) ->
         raise ConfigError(f"{name}={lo_hi}: need {lo} < min <= max <= {hi}")
 
 
+MIN_CONTEXT_ROOM = 0.25  # the sampler redraws up to 200 times: 0.75 ** 200 is never
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every number in the config is finite: NaN slips through every `<` check and Inf overflows."""
+    for sec in fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            items = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+                raise ConfigError(f"{sec.name}.{f.name}={_short(value)} must be finite (not NaN or Inf)")
+
+
+def _positive(**named) -> None:
+    for name, value in named.items():
+        if not value > 0:
+            raise ConfigError(f"{name.replace('__', '.')}={value} must be > 0")
+
+
 def validate(cfg: Config) -> Config:
     """Reject impossible settings before any work starts; returns cfg unchanged."""
+    _check_finite(cfg)
     a, m, k, o, t = cfg.audio, cfg.model, cfg.masks, cfg.optim, cfg.train
+    _positive(audio__sample_rate=a.sample_rate, audio__num_mel_bins=a.num_mel_bins,
+              audio__target_frames=a.target_frames, audio__frame_length_ms=a.frame_length_ms,
+              audio__frame_shift_ms=a.frame_shift_ms, audio__norm_std=a.norm_std, model__patch_size=m.patch_size,
+              model__embed_dim=m.embed_dim, model__pred_dim=m.pred_dim, model__mlp_ratio=m.mlp_ratio)
+    if a.frame_length_ms * a.sample_rate < 1000 or a.frame_shift_ms * a.sample_rate < 1000:
+        raise ConfigError(f"audio.frame_length_ms={a.frame_length_ms} and frame_shift_ms={a.frame_shift_ms} "
+                          f"must each span at least one sample at audio.sample_rate={a.sample_rate}")
+    if m.embed_dim % 4 or m.pred_dim % 4:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} and model.pred_dim={m.pred_dim} must be multiples of 4 "
+                          "(the 2-D sin-cos positions)")
+    if int(m.embed_dim * m.mlp_ratio) < 1 or int(m.pred_dim * m.mlp_ratio) < 1:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} leaves an empty MLP hidden layer")
+    if not DEVICE_PATTERN.match(t.device):
+        raise ConfigError(f"train.device={_short(t.device)}; choose auto, cpu, cuda or cuda:N")
     p = m.patch_size
     if p < 1 or a.target_frames % p or a.num_mel_bins % p:
         raise ConfigError(
@@ -310,14 +429,28 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= k.curriculum_c0 <= 1.0:
         raise ConfigError(f"masks.curriculum_c0={k.curriculum_c0} must be in [0, 1]")
     n = cfg.num_patches
-    worst = max(k.num_targets * math.ceil(k.target_scale[1] * n), k.tf_num_targets * math.ceil(k.tf_scale[1] * n))
-    if k.min_keep < 1 or n - worst < k.min_keep:
-        raise ConfigError(
-            f"masks.min_keep={k.min_keep}: the largest targets can cover {worst} of {n} patches, "
-            f"leaving fewer than min_keep context patches; lower the target scales or min_keep"
-        )
-    if o.lr <= 0 or o.min_lr < 0 or o.warmup_steps < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.lr must be > 0; optim.min_lr, warmup_steps and grad_clip must be >= 0")
+    if k.min_keep < 1:
+        raise ConfigError(f"masks.min_keep={k.min_keep} must be >= 1")
+    # The sampler redraws a target set that leaves fewer than min_keep context patches; settings
+    # where most draws would (or all must) be redrawn are refused here.
+    kinds = []
+    if k.mode != "tf":
+        kinds.append((False, k.num_targets, k.target_scale, k.target_aspect, "masks.num_targets/target_scale"))
+    if k.mode != "multiblock":
+        kinds.append((True, k.tf_num_targets, k.tf_scale, (1.0, 1.0), "masks.tf_num_targets/tf_scale"))
+    for use_tf, num, scale, aspect, name in kinds:
+        room = context_room(cfg.grid, use_tf, num, scale, aspect, k.min_keep)
+        if room < MIN_CONTEXT_ROOM:
+            raise ConfigError(
+                f"masks.min_keep={k.min_keep}: with {name}={num}/{scale} only {room:.0%} of target draws leave "
+                f"min_keep of the {n} patches for the context; lower the target scales, their number or min_keep")
+    _positive(optim__lr=o.lr)
+    for name, value in (("min_lr", o.min_lr), ("warmup_steps", o.warmup_steps), ("grad_clip", o.grad_clip),
+                        ("weight_decay", o.weight_decay), ("weight_decay_end", o.weight_decay_end)):
+        if value < 0:
+            raise ConfigError(f"optim.{name}={value} must be >= 0")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas}: each must be in [0, 1)")
     if not (0.0 <= o.ema_start <= o.ema_end <= 1.0):
         raise ConfigError(f"optim.ema_start={o.ema_start}, ema_end={o.ema_end}: need 0 <= start <= end <= 1")
     if t.impl not in IMPLS:
@@ -330,8 +463,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.parallel={t.parallel!r}; choose one of {PARALLEL}")
     if cfg.data.synth_clips < 1:
         raise ConfigError("data.synth_clips must be >= 1")
-    if a.norm_std <= 0:
-        raise ConfigError(f"audio.norm_std={a.norm_std} must be > 0")
     return cfg
 
 

@@ -15,12 +15,11 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from ajepa.audio import file_to_spec, waveform_to_spec
-from ajepa.checkpoint import FORMAT_VERSION
+from ajepa.checkpoint import FORMAT_VERSION, load_checkpoint
 from ajepa.config import Config, from_dict, get_preset, to_dict
 from ajepa.model.vit import ViTEncoder
 
@@ -28,36 +27,9 @@ WHICH = ("target", "context")
 POOLINGS = ("mean", "none")
 SAFETENSORS_KIND = "ajepa-encoder"
 
-# The numpy pieces a training checkpoint's RNG state needs; nothing else may be unpickled.
-_NUMPY_SAFE = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
-
-
-def _last_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("Check the documentation")]
-    return lines[-1] if lines else repr(exc)
-
-
 def read_checkpoint(path: str | Path) -> dict:
-    """Load an ajepa checkpoint with ``weights_only=True`` and check its format version."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_SAFE):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable ajepa checkpoint ({type(exc).__name__}: {_last_line(exc)})") from None
-    version = state.get("format_version") if isinstance(state, dict) else None
-    if not isinstance(version, int):
-        raise ValueError(f"{path}: not an ajepa checkpoint (no format_version)")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format {version} is newer than this ajepa understands "
-            f"({FORMAT_VERSION}); upgrade ajepa"
-        )
-    if "config" not in state or "model" not in state:
-        raise ValueError(f"{path}: checkpoint lacks its 'config' or 'model' entry")
-    return state
+    """Load an ajepa checkpoint with ``weights_only=True``; it must hold its config and model."""
+    return load_checkpoint(path, require=("config", "model"))
 
 
 def config_from_checkpoint(state: dict, path: str | Path = "checkpoint") -> Config:

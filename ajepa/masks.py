@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ajepa.config import MaskConfig
+from ajepa.maskgeom import Block, block_indices, sample_block, sample_targets, sample_tf_block
 
-Block = tuple[int, int, int, int]  # (top, left, height, width) in patches
-
+__all__ = ["Block", "block_indices", "sample_block", "sample_tf_block"]  # re-exported: they live in maskgeom
 
 def curriculum_prob(step: int, total_steps: int, c0: float = 0.01) -> float:
     """A-JEPA's probability of time-frequency masks at `step`: min(1, sqrt(s(1-c0^2)/S + c0^2))."""
@@ -34,74 +34,35 @@ def curriculum_prob(step: int, total_steps: int, c0: float = 0.01) -> float:
     return min(1.0, math.sqrt(s * (1.0 - c0 * c0) / max(total_steps, 1) + c0 * c0))
 
 
-def _fit(area: float, h: float, w: float, grid: tuple[int, int]) -> tuple[int, int]:
-    """Round a block to whole patches inside the grid, keeping its area when one side is clipped."""
-    H, W = grid
-    h, w = max(1, round(h)), max(1, round(w))
-    if w > W:
-        w, h = W, max(1, round(area / W))
-    if h > H:
-        h, w = H, min(W, max(1, round(area / H)))
-    return min(h, H), w
-
-
-def _place(rng: np.random.Generator, h: int, w: int, grid: tuple[int, int]) -> Block:
-    # Corners may land on the last row and column (I-JEPA's randint(0, H - h) could not).
-    H, W = grid
-    return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w
-
-
-def sample_block(rng: np.random.Generator, grid: tuple[int, int], scale, aspect) -> Block:
-    """A block of `scale` * grid area and aspect ratio (time / frequency) drawn from `aspect`."""
-    H, W = grid
-    area = rng.uniform(*scale) * H * W
-    ar = rng.uniform(*aspect)
-    h, w = _fit(area, math.sqrt(area * ar), math.sqrt(area / ar), grid)
-    return _place(rng, h, w, grid)
-
-
-def sample_tf_block(rng: np.random.Generator, grid: tuple[int, int], scale) -> Block:
-    """A time-frequency block: a time strip over every frequency row, or a frequency band over a
-    contiguous stretch of time (band height 1..max(1, F // 4) patches). A-JEPA does not publish
-    its exact geometry; this is ours."""
-    H, W = grid
-    area = rng.uniform(*scale) * H * W
-    if rng.random() < 0.5:  # time strip
-        h, w = min(H, max(1, round(area / W))), W
-    else:  # frequency band
-        w = int(rng.integers(1, max(1, W // 4) + 1))
-        h = min(H, max(1, round(area / w)))
-    return _place(rng, h, w, grid)
-
-
-def block_indices(block: Block, grid: tuple[int, int]) -> np.ndarray:
-    top, left, h, w = block
-    rows = np.arange(top, top + h)[:, None]
-    cols = np.arange(left, left + w)[None, :]
-    return (rows * grid[1] + cols).reshape(-1)
-
-
 def sample_masks(
-    rng: np.random.Generator, grid: tuple[int, int], cfg: MaskConfig, use_tf: bool, max_tries: int = 20
+    rng: np.random.Generator, grid: tuple[int, int], cfg: MaskConfig, use_tf: bool, max_tries: int = 20,
+    max_target_draws: int = 200,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One sample's (context indices, [target indices per block]), each sorted int64."""
-    if use_tf:
-        blocks = [sample_tf_block(rng, grid, cfg.tf_scale) for _ in range(cfg.tf_num_targets)]
-    else:
-        blocks = [sample_block(rng, grid, cfg.target_scale, cfg.target_aspect) for _ in range(cfg.num_targets)]
-    targets = [np.sort(block_indices(b, grid)).astype(np.int64) for b in blocks]
-    covered = np.zeros(grid[0] * grid[1], dtype=bool)
-    for t in targets:
-        covered[t] = True
-    for _ in range(max_tries):
-        keep = np.zeros_like(covered)
-        keep[block_indices(sample_block(rng, grid, cfg.context_scale, (1.0, 1.0)), grid)] = True
-        keep &= ~covered
-        if keep.sum() >= cfg.min_keep:
-            break
-    else:  # every context block was eaten by the targets: fall back to all visible patches
-        keep = ~covered
-    return np.flatnonzero(keep).astype(np.int64), targets
+    """One sample's (context indices, [target indices per block]), each sorted int64, with at least
+    `cfg.min_keep` context patches: target sets that leave fewer are drawn again (config validation
+    refuses targets that can never leave that many)."""
+    for _ in range(max_target_draws):
+        if use_tf:
+            targets = sample_targets(rng, grid, True, cfg.tf_num_targets, cfg.tf_scale, None)
+        else:
+            targets = sample_targets(rng, grid, False, cfg.num_targets, cfg.target_scale, cfg.target_aspect)
+        covered = np.zeros(grid[0] * grid[1], dtype=bool)
+        for t in targets:
+            covered[t] = True
+        if (~covered).sum() < cfg.min_keep:  # these targets leave too little: draw them again
+            continue
+        for _ in range(max_tries):
+            keep = np.zeros_like(covered)
+            keep[block_indices(sample_block(rng, grid, cfg.context_scale, (1.0, 1.0)), grid)] = True
+            keep &= ~covered
+            if keep.sum() >= cfg.min_keep:
+                break
+        else:  # every context block was eaten by the targets: fall back to all visible patches
+            keep = ~covered
+        return np.flatnonzero(keep).astype(np.int64), targets
+    kind = "tf" if use_tf else "multiblock"
+    raise ValueError(f"masks: {max_target_draws} draws of {kind} targets all left fewer than "
+                     f"masks.min_keep={cfg.min_keep} context patches; lower the target scales or min_keep")
 
 
 @dataclass

@@ -42,7 +42,7 @@ def test_overrides_are_typed():
     ("steps=3", "section.key=value"),
     ("masks.tf_scale=0,0.05", "masks.tf_scale"),
     ("masks.context_scale=0.5,1.2", "masks.context_scale"),
-    ("masks.num_targets=12", "min_keep"),
+    ("masks.num_targets=40", "min_keep"),
     ("train.keep_last=-1", "train.keep_last"),
     ("train.max_bad_steps=0", "max_bad_steps"),
     ("train.parallel=zero3", "train.parallel"),
