@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +20,29 @@ class AudioError(ValueError):
     """An audio file or signal that cannot be turned into a spectrogram."""
 
 
-def load_audio(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Decode a WAV/FLAC/OGG file with soundfile. Returns (mono float32 [S], sample_rate)."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP
+                raise AudioError(f"{path}: symlink loop") from None
+        raise AudioError(f"{path}: broken symlink (points to {os.readlink(path)})")
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+
+
+def load_audio(path: str | Path, start: int = 0, frames: int = -1) -> tuple[torch.Tensor, int]:
+    """Decode a WAV/FLAC/OGG file with soundfile: samples [start, start + frames) (all by default).
+    Returns (mono float32 [S], sample_rate)."""
+    path = Path(path)
+    _check_file(path)
     import soundfile as sf  # imported on first use: the built-in corpus needs no audio decoder
 
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [S, C]
+        data, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)  # [S, C]
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
         hint = "unsupported or corrupt format: " if "not recognised" in str(exc).lower() else ""
         raise AudioError(f"{path}: cannot decode ({hint}{exc})") from exc
@@ -103,9 +117,68 @@ def waveform_to_spec(
     return normalize(crop_or_pad(spec, cfg.target_frames, crop_offset), cfg)
 
 
-def file_to_spec(path: str | Path, cfg: AudioConfig, **kw) -> torch.Tensor:
-    wave, sr = load_audio(path)
+def kaldi_frames(samples: int, cfg: AudioConfig) -> int:
+    """Frames kaldi.fbank gives for `samples` samples at cfg.sample_rate (snip_edges; short clips pad to one)."""
+    win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+    return 1 + (samples - win) // shift if samples >= win else 1
+
+
+def _crop_window(path: Path, cfg: AudioConfig, crop_offset: int | None, generator) -> tuple[torch.Tensor, int] | None:
+    """For a file much longer than the crop: decode only the samples the crop's frames need.
+
+    Returns (mono wave, sample_rate) starting at the crop, or None to decode the whole file (short
+    files, unreadable headers: the full path reports those). The crop offset is drawn exactly as
+    `waveform_to_spec` draws it from the whole file's frame count."""
+    import soundfile as sf
+
     try:
-        return waveform_to_spec(wave, sr, cfg, **kw)
+        info = sf.info(str(path))
+    except Exception:
+        return None
+    sr, total = int(info.samplerate), int(info.frames)
+    if sr <= 0 or total <= 0:
+        return None
+    win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+    need = (cfg.target_frames - 1) * shift + win  # samples at cfg.sample_rate
+    resampled = math.ceil(total * cfg.sample_rate / sr)
+    if resampled < 2 * need:
+        return None
+    extra = kaldi_frames(resampled, cfg) - cfg.target_frames
+    if crop_offset is None:
+        crop_offset = int(torch.randint(0, extra + 1, (1,), generator=generator)) if extra > 0 else 0
+    crop_offset = max(0, min(crop_offset, extra))
+    start = crop_offset * shift  # the crop's first sample at cfg.sample_rate
+    if sr == cfg.sample_rate:
+        wave, _ = load_audio(path, start=start, frames=need)
+        return wave, sr
+    # Read from a sample where the resampler's phase matches the whole file's (a multiple of
+    # sr / gcd file samples), with a margin that keeps its edge effects out of the crop.
+    g = math.gcd(sr, cfg.sample_rate)
+    period_in, period_out = sr // g, cfg.sample_rate // g
+    first_out = max(0, (start - 64) // period_out * period_out)
+    lo = first_out // period_out * period_in
+    hi = min(total, math.ceil((start + need + 64) * sr / cfg.sample_rate))
+    wave, _ = load_audio(path, start=lo, frames=hi - lo)
+    wave = resample(wave, sr, cfg.sample_rate)
+    skip = start - first_out
+    return wave[skip : skip + need], cfg.sample_rate
+
+
+def file_to_spec(path: str | Path, cfg: AudioConfig, crop_offset: int | None = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """`waveform_to_spec` of a file. A long file is not decoded whole: only the samples under the
+    crop are read (soundfile seeks), so a 10-minute file costs what a 10-second one does."""
+    path = Path(path)
+    _check_file(path)
+    window = _crop_window(path, cfg, crop_offset, generator)
+    if window is not None:
+        wave, sr = window
+        crop_offset = 0
+    else:
+        wave, sr = load_audio(path)
+    try:
+        return waveform_to_spec(wave, sr, cfg, crop_offset=crop_offset, generator=generator)
     except AudioError as exc:
         raise AudioError(f"{path}: {exc}") from exc

@@ -7,11 +7,21 @@ import json
 import sys
 from pathlib import Path
 
-from ajepa.config import IMPLS, PRESETS, ConfigError, apply_overrides, get_preset, load_config
+from ajepa.config import (
+    IMPLS,
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    get_preset,
+    load_config,
+    set_fields,
+    to_dict,
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="named config preset to start from (default: tiny, CPU-friendly)")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config file applied on top of the preset (same layout as a run's config.yaml)")
@@ -26,43 +36,59 @@ def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
-def _resolve_config(args):
-    cfg = get_preset(args.preset)
-    if args.config is not None:
-        cfg = load_config(args.config, base=cfg)
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"), ("impl", "train.impl"),
-                      ("device", "train.device"), ("seed", "train.seed"), ("workers", "train.num_workers")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+# Flags that set one config field each: (attribute, field). The value keeps its argparse type;
+# --data stays the exact string typed (a path is never parsed).
+FIELD_FLAGS = (("data", "data.path"), ("steps", "train.steps"), ("batch_size", "train.batch_size"),
+               ("impl", "train.impl"), ("device", "train.device"), ("seed", "train.seed"),
+               ("workers", "train.num_workers"), ("parallel", "train.parallel"), ("keep_last", "train.keep_last"))
+# On --resume these would make the run a different one (data order, masks): they must match.
+RESUME_FIXED = ("train.seed", "train.batch_size")
+
+
+def _flag_values(args) -> dict[str, object]:
+    values = {key: getattr(args, flag) for flag, key in FIELD_FLAGS if getattr(args, flag, None) is not None}
     if getattr(args, "compile", False):
-        overrides.append("train.compile=true")
-    return apply_overrides(cfg, overrides + _run_overrides(args))
+        values["train.compile"] = True
+    if getattr(args, "strict", False):
+        values["data.strict"] = True
+    return values
 
 
-def _run_overrides(args) -> list[str]:
-    """Options that may change on --resume: --strict, --parallel, --keep-last."""
-    overrides = ["data.strict=true"] if getattr(args, "strict", False) else []
-    for flag, key in (("parallel", "train.parallel"), ("keep_last", "train.keep_last")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return overrides
+def _resolve_config(args, saved: Config | None = None) -> Config:
+    """preset -> --config -> --set -> flags; or, with `saved` (a run's config.yaml on --resume),
+    saved -> --set -> flags, refusing the flags that would change what the run is."""
+    flags = _flag_values(args)
+    if saved is None:
+        cfg = get_preset(args.preset or "tiny")
+        if args.config is not None:
+            cfg = load_config(args.config, base=cfg)
+    else:
+        for name in ("preset", "config"):
+            if getattr(args, name, None) is not None:
+                raise ConfigError(f"--{name} cannot be combined with --resume: the run continues with its own "
+                                  "config.yaml (change single fields with --set)")
+        cfg = saved
+        current = to_dict(saved)
+        for key in RESUME_FIXED:
+            section, field = key.split(".")
+            if key in flags and flags[key] != current[section][field]:
+                raise ConfigError(f"--resume: {key}={flags[key]} differs from the run's "
+                                  f"{key}={current[section][field]}; a resumed run keeps it (data order and masks "
+                                  "depend on it)")
+    cfg = apply_overrides(cfg, args.overrides)
+    return set_fields(cfg, flags)
 
 
 def cmd_train(args) -> int:
     from ajepa.train import NonFiniteLossError, train
 
-    cfg = _resolve_config(args)
-    if args.resume:  # continue with the run's own saved config, plus any explicit overrides
+    if args.resume:  # continue with the run's own saved config, plus the flags that may change
         saved = args.out / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {saved} not found; nothing to resume in {args.out}")
-        cfg = load_config(saved)
-        cfg = apply_overrides(cfg, args.overrides + _run_overrides(args))
+        cfg = _resolve_config(args, load_config(saved))
+    else:
+        cfg = _resolve_config(args)
     try:
         result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLossError as exc:  # raised on every rank alike; one message is enough
@@ -106,9 +132,12 @@ def cmd_stats(args) -> int:
     from ajepa.stats import dataset_stats
 
     cfg = _resolve_config(args)
-    mean, std, frames = dataset_stats(cfg, limit=args.limit, progress=not args.no_progress)
-    print(json.dumps({"norm_mean": mean, "norm_std": std, "frames": frames}))
-    print(f"use with: --set audio.norm_mean={mean:.7g} --set audio.norm_std={std:.7g}", file=sys.stderr)
+    stats = dataset_stats(cfg, limit=args.limit, progress=not args.no_progress)
+    for name, reason in stats.bad:
+        print(f"ajepa stats: skipped bad audio {name}: {reason}", file=sys.stderr)
+    print(json.dumps({"norm_mean": stats.mean, "norm_std": stats.std, "frames": stats.frames,
+                      "bad_files": len(stats.bad)}))
+    print(f"use with: --set audio.norm_mean={stats.mean:.7g} --set audio.norm_std={stats.std:.7g}", file=sys.stderr)
     return 0
 
 
@@ -132,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="data loader worker processes (train.num_workers)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile (train.compile)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest complete checkpoint, with its saved config.yaml")
+                   help="continue the run in --out from its newest complete checkpoint, with its saved config.yaml; "
+                        "--steps, --data, --device, --workers, --impl, --strict, --keep-last, --parallel and --set "
+                        "apply, --seed and --batch-size must match the run's")
     p.add_argument("--strict", action="store_true",
                    help="a bad audio file (corrupt, empty, NaN, unsupported) is fatal; by default it is skipped, "
                         "logged once and counted (data.strict)")
@@ -153,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="compute a dataset's fbank mean and std for audio.norm_mean/norm_std")
     _add_config_args(p)
+    p.add_argument("--strict", action="store_true", help="a bad audio file is fatal (default: skipped and listed)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many clips")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_stats)
@@ -172,9 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"ajepa {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # ConfigError, AudioError, missing files, unwritable folders, full disks
+        print(f"ajepa {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one readable line: OS errors say what failed on which file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    return " ".join(str(exc).split("\n")) if str(exc) else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -107,11 +107,12 @@ def cmd_embed(args) -> int:
 def _probe_split(args, enc):
     """(x_train, y_train, x_test, y_test, targets) from --data (stratified split) or --data + --test-data."""
     from ajepa.embed import dataset_features
-    from ajepa.probe import Targets, random_split, stratified_split, targets_for
+    from ajepa.probe import Targets, random_split, require_two_classes, stratified_split, targets_for
 
     progress = not args.no_progress
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     tg = targets_for(ds, args.data)
+    require_two_classes(tg.y, tg.multilabel, tg.classes, f"--data {args.data or 'built-in corpus'}")
     x = dataset_features(enc, ds, args.batch_size, progress, desc="embed train" if args.test_data else "embed")
     keep = np.flatnonzero(tg.labelled())
     if keep.size == 0:

@@ -7,6 +7,7 @@ indices of that step, and the collator draws that step's masks. A resumed run se
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,12 @@ import torch
 from ajepa.audio import AUDIO_EXTENSIONS, AudioError, fbank, file_to_spec, load_audio, resample, waveform_to_spec
 from ajepa.config import AudioConfig, DataConfig
 from ajepa.masks import MaskSampler, PackedMasks
+
+
+def printable(name: str) -> str:
+    """A file name safe for one log line: control characters (a newline in a name) are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+
 
 # ---------------------------------------------------------------------------- built-in corpus
 
@@ -157,8 +164,12 @@ class AudioFileDataset(SpecDataset):
 
 
 def scan_folder(root: Path) -> tuple[list[Path], list[str | None]]:
-    """Audio files found recursively; a file's label is its top-level subfolder, if any."""
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    """Audio files found recursively; a file's label is its top-level subfolder, if any.
+
+    Symlinks with an audio extension are kept even when broken or looping: loading them then fails,
+    so they are reported and counted as bad files rather than silently left out."""
+    paths = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in AUDIO_EXTENSIONS and (p.is_symlink() or p.is_file()))
     labels = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
     return paths, labels
 
@@ -169,14 +180,23 @@ def read_manifest(path: Path) -> tuple[list[Path], list[str | None]]:
     Relative paths are taken from the manifest's folder.
     """
     rows: list[dict] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: the manifest is not UTF-8 text (byte {exc.start})") from None
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             if reader.fieldnames is None or "path" not in reader.fieldnames:
                 raise ValueError(f"{path}: a CSV manifest needs a header with a 'path' column")
             rows = list(reader)
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a readable CSV manifest ({exc})") from None
+        for lineno, row in enumerate(rows, 2):
+            if not row.get("path"):
+                raise ValueError(f"{path}:{lineno}: empty 'path'")
     else:
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -184,6 +204,8 @@ def read_manifest(path: Path) -> tuple[list[Path], list[str | None]]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict) or "path" not in row:
                     raise ValueError(f"{path}:{lineno}: each line needs a 'path' field")
+                if not isinstance(row["path"], str) or not row["path"]:
+                    raise ValueError(f"{path}:{lineno}: 'path' must be a non-empty string, got {row['path']!r:.60}")
                 rows.append(row)
     paths = [(path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]) for r in rows]
     labels = [str(r["label"]) if r.get("label") not in (None, "") else None for r in rows]
@@ -269,7 +291,7 @@ class StepDataset(torch.utils.data.Dataset):
 
     def _name(self, i: int) -> str:
         paths = getattr(self.base, "paths", None)
-        return str(paths[i]) if paths is not None else f"item {i}"
+        return printable(paths[i]) if paths is not None else f"item {i}"
 
     def _load(self, step: int, i: int) -> torch.Tensor | None:
         """The clip's spectrogram, or None (and remembered as bad) if it cannot be read."""
@@ -283,13 +305,20 @@ class StepDataset(torch.utils.data.Dataset):
             return spec
         except (AudioError, RuntimeError, ValueError, OSError) as exc:
             name = self._name(i)
-            reason = str(exc).removeprefix(f"{name}: ")
+            paths = getattr(self.base, "paths", None)
+            reason = printable(str(exc).removeprefix(f"{paths[i]}: ") if paths is not None else str(exc))
             if self.strict:
                 raise AudioError(f"{name}: {reason} (data.strict / --strict: a bad file is fatal)") from exc
             self._bad[i] = f"{type(exc).__name__}: {reason}"
             return None
 
     def __getitem__(self, key: tuple[int, int]):
+        try:
+            return self._item(key)
+        except (AudioError, ValueError) as exc:  # reaches the main process as one line (see LoaderFailure)
+            return LoaderFailure(exc)
+
+    def _item(self, key: tuple[int, int]):
         step, i = key
         spec = self._load(step, i)
         if spec is not None:
@@ -306,10 +335,24 @@ class StepDataset(torch.utils.data.Dataset):
                 return spec, self.base.labels[j], step, tuple(bad)
             if (self._name(j), self._bad[j]) not in bad:
                 bad.append((self._name(j), self._bad[j]))
+        if len(self._bad) >= n:
+            raise AudioError(f"no readable audio: all {n} files failed to load (e.g. {bad[-1][0]}: {bad[-1][1]})")
         raise AudioError(
-            f"no readable audio: {len(self._bad)} of {n} files failed to load so far, and "
-            f"{MAX_SUBSTITUTE_TRIES} substitutes for {self._name(i)} were all bad (last: {bad[-1][0]}: {bad[-1][1]})"
+            f"no readable audio: {len(self._bad)} of {n} files failed to load so far, and the "
+            f"{MAX_SUBSTITUTE_TRIES} substitutes drawn for {self._name(i)} were all bad "
+            f"(last: {bad[-1][0]}: {bad[-1][1]})"
         )
+
+
+@dataclass
+class LoaderFailure:
+    """An error met in a loader worker, carried to the main process as the exception itself.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback pasted into its
+    message; a user error (a bad file under --strict, no readable audio, impossible masks) should
+    read as one line, as it does with --workers 0. Bugs (other exception types) still propagate."""
+
+    error: BaseException
 
 
 @dataclass
@@ -321,8 +364,16 @@ class Batch:
     target_count: torch.Tensor | None = None  # float32 [] number of target tokens (for the global loss mean)
     bad: tuple[tuple[str, str], ...] = ()  # (file, reason) for each bad clip met while building the batch
     skipped: int = 0  # samples of this batch that were replaced because their clip was bad
+    error: BaseException | None = None  # a user error met in the loader worker: raise it in the main process
+
+    @classmethod
+    def failed(cls, error: BaseException) -> Batch:
+        empty = torch.zeros(0)
+        return cls(empty, empty.long(), -1, None, None, error=error)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
+        if self.error is not None:
+            return self
         count = self.target_count
         return Batch(
             self.spec.to(device, non_blocking=non_blocking),
@@ -335,6 +386,8 @@ class Batch:
         )
 
     def pin_memory(self) -> Batch:
+        if self.error is not None:
+            return self
         count = None if self.target_count is None else self.target_count.pin_memory()
         return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory(),
                      count, self.bad, self.skipped)
@@ -347,9 +400,15 @@ class MaskCollator:
         self.sampler = sampler
 
     def __call__(self, items) -> Batch:
+        failed = [item.error for item in items if isinstance(item, LoaderFailure)]
+        if failed:
+            return Batch.failed(failed[0])
         specs, labels, steps, bads = zip(*items)
         step = steps[0]
-        masks = self.sampler(step, len(items))
+        try:
+            masks = self.sampler(step, len(items))
+        except ValueError as exc:
+            return Batch.failed(exc)
         count = torch.tensor(float(masks.tgt_index.numel()))
         bad = tuple(dict.fromkeys(b for group in bads for b in group))
         return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,

@@ -98,6 +98,19 @@ def targets_for(dataset, data_path: str | None) -> Targets:
 # ---------------------------------------------------------------------------- the model
 
 
+def require_two_classes(y: np.ndarray, multilabel: bool, classes=(), where: str = "the data") -> None:
+    """A probe over one class scores 1.0 and means nothing: refuse it."""
+    present = np.flatnonzero(y.sum(0) > 0) if multilabel else np.unique(y[y >= 0])
+    if multilabel:
+        varying = [c for c in present if (y[:, c] == 0).any()]
+        if not varying:
+            raise ValueError(f"{where}: every labelled clip has the same labels; a probe needs a label that "
+                             "some clips have and others do not")
+    elif len(present) < 2:
+        names = [classes[int(c)] if int(c) < len(classes) else str(int(c)) for c in present]
+        raise ValueError(f"{where}: only one class ({', '.join(names) or 'none'}); a probe needs at least 2")
+
+
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     """Scale every feature by the training split's mean and std."""
     mean = train.mean(0, keepdim=True)
@@ -193,6 +206,7 @@ def linear_probe(
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     if len(x_train) < 2 or len(x_test) < 1:
         raise ValueError(f"the probe needs at least 2 training and 1 test clips, got {len(x_train)} and {len(x_test)}")
+    require_two_classes(y_train, multilabel, classes, "the training split")
     num_classes = y_train.shape[1] if multilabel else int(max(y_train.max(), y_test.max())) + 1
     if multilabel:
         fit_idx, val_idx = random_split(len(y_train), val_fraction, seed)

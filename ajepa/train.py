@@ -93,8 +93,13 @@ def seed_everything(seed: int) -> None:
 class MetricsLog:
     """Append-only JSONL metrics, mirrored to TensorBoard when it is installed."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, fresh: bool = False):
+        """`fresh` starts a new file: a new run never appends to rows another run left."""
         self.path = out / "metrics.jsonl"
+        if fresh and self.path.exists():
+            log.warning("%s: starting a fresh metrics.jsonl (the one there belonged to a run with no checkpoint)",
+                        out)
+            self.path.write_text("")
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -130,6 +135,53 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class RunFolderLockedError(FileExistsError):
+    """Another live `ajepa train` holds the run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`fcntl.flock` on `<out>/.lock`), held for the whole run.
+
+    A second run into the same folder fails at once with a message naming the holder. The kernel
+    drops the lock when its holder exits, kill -9 included, so a stale lock never blocks a resume.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.NAME
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import socket
+
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open for the run)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunFolderLockedError(f"{self.path.parent} is in use by another ajepa train ({holder}); wait for it "
+                                       "to finish or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, removed folder); earlier ones are intact."""
 
 
 @dataclass
@@ -299,6 +351,13 @@ class StopSignals:
             signal.signal(sig, old)
 
 
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """True when every weight is finite: one reduction on the device and one sync (log steps only)."""
+    with torch.no_grad():
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP: this rank's shards
+        return bool(torch.stack([torch.isfinite(p).all() for p in local]).all())
+
+
 def _allreduce(values: list[float], device: torch.device, op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     dist.all_reduce(t, op=op)
@@ -326,7 +385,18 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     if device.type == "cpu" and not was_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(cfg, Path(out), resume, progress, max_steps, info, device)
+        out = Path(out)
+        # fails on bad --data before anything is written
+        dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)
+        check_world_size(cfg, info.world)
+        if not info.is_main:
+            return _train(cfg, out, resume, progress, max_steps, info, device, dataset)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"--out {out}: cannot create the run folder ({exc.strerror})") from None
+        with RunLock(out):
+            return _train(cfg, out, resume, progress, max_steps, info, device, dataset)
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         if info.owned:
@@ -334,11 +404,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int | None,
-           info: DistInfo, device: torch.device) -> TrainResult:
+           info: DistInfo, device: torch.device, dataset) -> TrainResult:
     from tqdm import tqdm
 
-    check_world_size(cfg, info.world)
-    dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # fails on bad --data before anything is written
     ckpts = CheckpointDir(out, cfg.train.keep_last)
     seed_everything(cfg.train.seed)
     model = AJEPA(cfg, impl=cfg.train.impl).to(device)
@@ -351,7 +419,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                 log.warning("--resume: %s holds no checkpoint yet; starting from step 0", out)
         else:
             state, path = found
-            if state["config"]["model"] != to_dict(cfg)["model"] or state["config"]["audio"] != to_dict(cfg)["audio"]:
+            saved = state["config"] if isinstance(state["config"], dict) else {}
+            if saved.get("model") != to_dict(cfg)["model"] or saved.get("audio") != to_dict(cfg)["audio"]:
                 raise ValueError(f"{path}: the checkpoint's model/audio config differs from this run's; cannot resume")
             model.load_state_dict(state["model"])
             start = int(state["step"])
@@ -360,7 +429,6 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
         raise FileExistsError(
             f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         for stale in ckpts.remove_partial():
             log.warning("removed %s, left by a save that was interrupted", stale)
         save_config(cfg, out / "config.yaml")
@@ -383,7 +451,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
     forward = torch.compile(wrapped) if cfg.train.compile else wrapped
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.train.amp) else nullcontext()
     params = list(model.trainable_parameters())
-    log_file = MetricsLog(out) if info.is_main else None
+    log_file = MetricsLog(out, fresh=not resume) if info.is_main else None
     if log_file is not None and resume:
         log_file.truncate(start)
 
@@ -403,6 +471,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
     try:
         with StopSignals() as signals:
             for batch in loader:
+                if batch.error is not None:  # raised in a loader worker: its one-line message, no traceback
+                    raise batch.error
                 step = batch.step
                 for name, reason in batch.bad:  # empty unless a clip was bad: no per-sample work
                     if name not in seen_bad:
@@ -468,7 +538,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                 # ---- a sync point: read the counters, reduce across ranks
                 stop = signals.received is not None
                 sums = [float(loss_sum), float(window_bad_samples), float(len(seen_bad))]
-                flags = [float(worst), float(stop)]
+                flags = [float(worst), float(stop), float(not weights_finite(params))]
                 if info.world > 1:
                     sums = _allreduce(sums, device, dist.ReduceOp.SUM)
                     flags = _allreduce(flags, device, dist.ReduceOp.MAX)
@@ -482,6 +552,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                         f"{int(flags[0])} consecutive steps up to step {done} had a non-finite loss or gradient "
                         f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping. Last good checkpoint: {where}"
                     )
+                if flags[2]:  # a NaN/Inf weight (e.g. an overflow the step skip missed): never saved as good
+                    where = f"{last_good[0]} (step {last_good[1]})" if last_good[0] else "none was written yet"
+                    raise NonFiniteLossError(
+                        f"the weights hold NaN or Inf at step {done}; not saving them. Last good checkpoint: {where}")
                 worst.copy_(streak)
                 if is_log:
                     now = time.perf_counter()
@@ -506,7 +580,13 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                 if is_ckpt:
                     ckpt = checkpoint_state(model, opt, done, cfg, info, counters)
                     if info.is_main:
-                        ckpts.save(ckpt, done)
+                        try:
+                            ckpts.save(ckpt, done)
+                        except OSError as exc:
+                            where = f"{last_good[0]} (step {last_good[1]})" if last_good[0] else "none was written"
+                            raise CheckpointWriteError(
+                                exc.errno, f"could not write the step-{done} checkpoint in {out} "
+                                f"({exc.strerror or exc}); the last complete checkpoint is intact: {where}") from None
                     last_good = (ckpts.latest_path, done)
                 if stopped_by:
                     if info.is_main:

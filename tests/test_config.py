@@ -57,7 +57,7 @@ def test_bad_config_rejected_before_any_work(override, match):
 def test_cli_rejects_a_bad_config_before_any_work(tmp_path, capsys):
     from ajepa.cli import main
 
-    (tmp_path / "c.yaml").write_text("masks:\n  target_scale: [0.3, 0.5]\n  min_keep: 10\n")
+    (tmp_path / "c.yaml").write_text("masks:\n  target_scale: [0.9, 0.95]\n  min_keep: 10\n")
     out = tmp_path / "run"
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
     assert "min_keep" in capsys.readouterr().err
