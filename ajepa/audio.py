@@ -117,6 +117,9 @@ def waveform_to_spec(
     return normalize(crop_or_pad(spec, cfg.target_frames, crop_offset), cfg)
 
 
+SEEK_FACTOR = 4  # files over this many crops long are read only under the crop
+
+
 def kaldi_frames(samples: int, cfg: AudioConfig) -> int:
     """Frames kaldi.fbank gives for `samples` samples at cfg.sample_rate (snip_edges; short clips pad to one)."""
     win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
@@ -143,7 +146,7 @@ def _crop_window(path: Path, cfg: AudioConfig, crop_offset: int | None, generato
     shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
     need = (cfg.target_frames - 1) * shift + win  # samples at cfg.sample_rate
     resampled = math.ceil(total * cfg.sample_rate / sr)
-    if resampled < 2 * need:
+    if resampled < SEEK_FACTOR * need:  # short enough: decode it whole, bit-identical to waveform_to_spec
         return None
     extra = kaldi_frames(resampled, cfg) - cfg.target_frames
     if crop_offset is None:

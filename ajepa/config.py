@@ -214,7 +214,7 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {_short(name)}; choose one of {sorted(PRESETS)}")
     return validate(PRESETS[name]())
 
 
@@ -226,9 +226,8 @@ def _convert(value, tp, where: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if value is None and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where)
     if origin is tuple:
@@ -362,6 +361,7 @@ def _check_range(name: str, lo_hi: tuple[float, float], lo: float, hi: float) ->
         raise ConfigError(f"{name}={lo_hi}: need {lo} < min <= max <= {hi}")
 
 
+MAX_PATCHES = 1 << 16
 MIN_CONTEXT_ROOM = 0.25  # the sampler redraws up to 200 times: 0.75 ** 200 is never
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -391,6 +391,15 @@ def validate(cfg: Config) -> Config:
               audio__target_frames=a.target_frames, audio__frame_length_ms=a.frame_length_ms,
               audio__frame_shift_ms=a.frame_shift_ms, audio__norm_std=a.norm_std, model__patch_size=m.patch_size,
               model__embed_dim=m.embed_dim, model__pred_dim=m.pred_dim, model__mlp_ratio=m.mlp_ratio)
+    limits = (("audio.sample_rate", a.sample_rate, 1_000_000), ("audio.num_mel_bins", a.num_mel_bins, 4096),
+              ("audio.target_frames", a.target_frames, 1 << 20), ("model.patch_size", m.patch_size, 1024),
+              ("model.embed_dim", m.embed_dim, 1 << 16), ("model.pred_dim", m.pred_dim, 1 << 16),
+              ("model.depth", m.depth, 1024), ("model.pred_depth", m.pred_depth, 1024),
+              ("model.mlp_ratio", m.mlp_ratio, 64), ("masks.num_targets", k.num_targets, 1024),
+              ("masks.tf_num_targets", k.tf_num_targets, 1024))
+    for name, value, limit in limits:
+        if value > limit:  # far past any real setting: a typo, not a config
+            raise ConfigError(f"{name}={value} is larger than {limit}; not a plausible setting")
     if a.frame_length_ms * a.sample_rate < 1000 or a.frame_shift_ms * a.sample_rate < 1000:
         raise ConfigError(f"audio.frame_length_ms={a.frame_length_ms} and frame_shift_ms={a.frame_shift_ms} "
                           f"must each span at least one sample at audio.sample_rate={a.sample_rate}")
@@ -417,9 +426,9 @@ def validate(cfg: Config) -> Config:
     if m.depth < 1 or m.pred_depth < 1:
         raise ConfigError("model.depth and model.pred_depth must be >= 1")
     if m.loss not in LOSSES:
-        raise ConfigError(f"model.loss={m.loss!r}; choose one of {LOSSES}")
+        raise ConfigError(f"model.loss={_short(m.loss)}; choose one of {LOSSES}")
     if k.mode not in MASK_MODES:
-        raise ConfigError(f"masks.mode={k.mode!r}; choose one of {MASK_MODES}")
+        raise ConfigError(f"masks.mode={_short(k.mode)}; choose one of {MASK_MODES}")
     _check_range("masks.context_scale", k.context_scale, 0.0, 1.0)
     _check_range("masks.target_scale", k.target_scale, 0.0, 1.0)
     _check_range("masks.tf_scale", k.tf_scale, 0.0, 1.0)
@@ -429,6 +438,9 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= k.curriculum_c0 <= 1.0:
         raise ConfigError(f"masks.curriculum_c0={k.curriculum_c0} must be in [0, 1]")
     n = cfg.num_patches
+    if n > MAX_PATCHES:
+        raise ConfigError(f"audio.target_frames x audio.num_mel_bins / model.patch_size^2 = {n} patches; at most "
+                          f"{MAX_PATCHES} fit one attention sequence")
     if k.min_keep < 1:
         raise ConfigError(f"masks.min_keep={k.min_keep} must be >= 1")
     # The sampler redraws a target set that leaves fewer than min_keep context patches; settings
@@ -454,13 +466,13 @@ def validate(cfg: Config) -> Config:
     if not (0.0 <= o.ema_start <= o.ema_end <= 1.0):
         raise ConfigError(f"optim.ema_start={o.ema_start}, ema_end={o.ema_end}: need 0 <= start <= end <= 1")
     if t.impl not in IMPLS:
-        raise ConfigError(f"train.impl={t.impl!r}; choose one of {IMPLS}")
+        raise ConfigError(f"train.impl={_short(t.impl)}; choose one of {IMPLS}")
     if t.steps < 1 or t.batch_size < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.num_workers < 0:
         raise ConfigError("train.steps, batch_size, log_every, ckpt_every must be >= 1 and num_workers >= 0")
     if t.keep_last < 0 or t.max_bad_steps < 1:
         raise ConfigError(f"train.keep_last={t.keep_last} must be >= 0 and train.max_bad_steps={t.max_bad_steps} >= 1")
     if t.parallel not in PARALLEL:
-        raise ConfigError(f"train.parallel={t.parallel!r}; choose one of {PARALLEL}")
+        raise ConfigError(f"train.parallel={_short(t.parallel)}; choose one of {PARALLEL}")
     if cfg.data.synth_clips < 1:
         raise ConfigError("data.synth_clips must be >= 1")
     return cfg

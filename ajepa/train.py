@@ -587,7 +587,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                             raise CheckpointWriteError(
                                 exc.errno, f"could not write the step-{done} checkpoint in {out} "
                                 f"({exc.strerror or exc}); the last complete checkpoint is intact: {where}") from None
-                    last_good = (ckpts.latest_path, done)
+                    last_good = (ckpts.step_path(done), done)
                 if stopped_by:
                     if info.is_main:
                         log.warning("%s: saved the checkpoint at step %d and stopped; continue with --resume",
