@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ajepa.device import DEVICE_PATTERN
 from ajepa.maskgeom import context_room
 
 IMPLS = ("auto", "triton", "reference")
@@ -363,7 +363,6 @@ def _check_range(name: str, lo_hi: tuple[float, float], lo: float, hi: float) ->
 
 MAX_PATCHES = 1 << 16
 MIN_CONTEXT_ROOM = 0.25  # the sampler redraws up to 200 times: 0.75 ** 200 is never
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _check_finite(cfg: Config) -> None:

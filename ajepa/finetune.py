@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +27,32 @@ from ajepa.model.vit import ViTEncoder
 from ajepa.probe import stratified_split
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class FinetuneOptions:
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3  # the head's; encoder layers get lr * layer_decay ** (distance from the top)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    warmup_epochs: float = 1.0
-    time_masks: int = 2  # SpecAugment: masks per clip and their largest widths (frames / mel bins)
-    time_mask_width: int = 24
-    freq_masks: int = 2
-    freq_mask_width: int = 16
-    mixup: float = 0.0  # Beta(alpha, alpha) mixup; 0 disables
-    reg_mask: float = 0.0  # fraction of tokens barred as attention keys per layer (A-JEPA: 0.1); 0 disables
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    """Fine-tuning settings; `ajepa finetune` makes one flag per field (help from the metadata)."""
+
+    epochs: int = _opt(10, "epochs")
+    batch_size: int = _opt(16, "clips per step")
+    lr: float = _opt(1e-3, "head learning rate; block i of depth L gets lr * layer_decay^(L - i)")
+    min_lr: float = _opt(1e-6, "learning rate at the end of the cosine decay")
+    weight_decay: float = _opt(0.05, "AdamW weight decay on matrices")
+    layer_decay: float = _opt(0.75, "layer-wise LR decay: block i of depth L gets lr * decay^(L - i)")
+    warmup_epochs: float = _opt(1.0, "linear warmup, in epochs")
+    time_masks: int = _opt(2, "SpecAugment time masks per clip")
+    time_mask_width: int = _opt(24, "largest time mask, in frames")
+    freq_masks: int = _opt(2, "SpecAugment frequency masks per clip")
+    freq_mask_width: int = _opt(16, "largest frequency mask, in mel bins")
+    mixup: float = _opt(0.0, "mixup Beta(alpha, alpha); 0 disables")
+    reg_mask: float = _opt(0.0, "A-JEPA regularized masking: fraction of tokens per layer barred as attention keys "
+                                "(still queries); A-JEPA uses 0.1; 0 is off")
+    val_fraction: float = _opt(0.2, "validation share, stratified")
+    seed: int = _opt(0, "split, shuffling and augmentation seed")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = _opt(True, "bf16 autocast on CUDA")
 
     def validate(self) -> FinetuneOptions:
         if self.epochs < 1 or self.batch_size < 1:
@@ -189,7 +196,7 @@ def finetune(
 
     from tqdm import tqdm
 
-    from ajepa.train import resolve_device
+    from ajepa.device import resolve_device
 
     opts = opts.validate()
     out = Path(out)

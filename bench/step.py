@@ -3,8 +3,9 @@
     PYTHONPATH=. python -m bench.step                      # GPU: tiny + base, reference + triton, bf16
     ajepa bench --preset base --batch-size 128 --steps 20  # the same through the CLI
 
-One step is what ajepa/train.py does per batch: forward under bf16 autocast (GPU), backward,
-gradient clipping, AdamW, EMA update of the target encoder. Inputs: random spectrograms (the data
+One step is `ajepa.step.TrainStep`, the very step `ajepa train` runs per batch: the schedules at
+the batch's step, forward under bf16 autocast (GPU), backward, gradient clipping, fused AdamW with
+its on-device non-finite skip, and the EMA update of the target encoder. Inputs: random spectrograms (the data
 pipeline is not timed) and masks from the real sampler, drawn at steps spread over the run so the
 curriculum's mix of multiblock and time-frequency masks is represented; masks are moved to the
 device before timing, as the loader's prefetch would. GPU steps are timed with CUDA events, one
@@ -29,16 +30,18 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
+from ajepa.cli.common import add_set_option
 from ajepa.config import Config, apply_overrides, get_preset
+from ajepa.device import resolve_device
 from ajepa.masks import MaskSampler, PackedMasks
 from ajepa.model import AJEPA
-from ajepa.train import param_groups
+from ajepa.step import TrainStep
 from bench import common
 
 GPU_BATCH = {"tiny": 1024, "small": 256, "base": 128}
@@ -176,19 +179,6 @@ def make_batches(cfg: Config, batch_size: int, distinct: int, device: torch.devi
     return out
 
 
-def train_step(model: AJEPA, opt, spec, masks, amp, grad_clip: float, tau: float) -> torch.Tensor:
-    """The body of ajepa/train.py's loop (schedules aside: constant lr and tau)."""
-    with amp:
-        loss = model(spec, masks)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(list(model.trainable_parameters()), grad_clip)
-    opt.step()
-    model.update_target(tau)
-    return loss.detach()
-
-
 def run_one(
     cfg: Config,
     preset: str,
@@ -209,13 +199,12 @@ def run_one(
     with device:  # initialize on the device: the base preset's CPU init alone takes seconds
         model = AJEPA(cfg, impl=impl)
     model = model.to(device)
-    opt = torch.optim.AdamW(
-        param_groups(model), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.train.amp) else nullcontext()
+    step_fn = TrainStep(model, cfg, device)
     batches = make_batches(cfg, batch_size, distinct, device, seed)
     warmup = len(batches) if warmup is None else warmup
-    tau = cfg.optim.ema_start
+
+    def train_step(b) -> torch.Tensor:
+        return step_fn(b[1], b[2], b[0]).loss
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,8 +218,7 @@ def run_one(
     loss = None
     try:
         for i in range(warmup):  # every distinct batch once: every kernel specialization compiles here
-            _, spec, masks, _ = batches[i % len(batches)]
-            loss = train_step(model, opt, spec, masks, amp, cfg.optim.grad_clip, tau)
+            loss = train_step(batches[i % len(batches)])
             bar.update(1)
         common.synchronize(device)
         times, used = [], []
@@ -243,11 +231,11 @@ def run_one(
             used.append(b)
             if cuda:
                 events[i][0].record()
-                loss = train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau)
+                loss = train_step(b)
                 events[i][1].record()
             else:
                 t0 = time.perf_counter()
-                loss = train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau)
+                loss = train_step(b)
                 times.append((time.perf_counter() - t0) * 1e3)
             bar.update(1)
         common.synchronize(device)
@@ -257,9 +245,7 @@ def run_one(
         if profile > 0 and cuda:
             b = batches[0]
             try:
-                prof = profile_steps(
-                    lambda: train_step(model, opt, b[1], b[2], amp, cfg.optim.grad_clip, tau), profile
-                )
+                prof = profile_steps(lambda: train_step(b), profile)
             except Exception as e:  # noqa: BLE001 - the profile is a diagnostic: never lose the timings
                 prof = {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
@@ -344,13 +330,58 @@ def to_record(res: StepResult, floors: common.Floors, dtype: str) -> common.Reco
 # ---------------------------------------------------------------------------- driver
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return common.bench_device()
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available")
-    return device
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="presets to run (default: tiny base on a GPU, tiny on the CPU)",
+    )
+    p.add_argument(
+        "--impl",
+        nargs="+",
+        default=None,
+        choices=("reference", "triton"),
+        help="kernel paths to run (default: reference triton on a GPU; reference on the CPU, where triton is skipped)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per step for every preset (default on a GPU: tiny 1024, base 128; CPU: 8); "
+        "halved automatically on out-of-memory",
+    )
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 10 on a GPU, 3 on the CPU)")
+    p.add_argument(
+        "--distinct",
+        type=int,
+        default=None,
+        help="distinct mask batches, drawn by the real sampler at steps spread over the run "
+        "(default: 4 on a GPU, 2 on the CPU)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps first (default: one per distinct batch, so every shape is compiled)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, profile this many more steps with torch.profiler (GPU only) and record each "
+        "kind of kernel's share of the device time and the top kernels (default: 0, no profile)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed for the model, the masks and the random inputs")
+    add_set_option(p, "config override applied to every preset, e.g. --set model.depth=2 (repeatable)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="folder for the JSON result (default: $OUT if set, else bench/results/)"
+    )
+    p.add_argument("--no-json", action="store_true", help="print the table, write no JSON file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -460,9 +491,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ajepa.bench_cli import add_step_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ajepa bench", description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
     args = parser.parse_args(argv)
     try:

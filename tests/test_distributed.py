@@ -166,9 +166,10 @@ def test_checkpoint_from_two_ranks_resumes_in_one_process(ddp_run, single, tmp_p
 
 
 def test_global_batch_must_split_over_ranks(tmp_path, monkeypatch):
-    from ajepa import train as train_mod
+    import ajepa.trainer as trainer_mod
+    from ajepa.distributed import DistInfo
 
-    monkeypatch.setattr(train_mod, "init_distributed", lambda cfg: (train_mod.DistInfo(0, 3), torch.device("cpu")))
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda cfg: (DistInfo(0, 3), torch.device("cpu")))
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
         train(micro_config(), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

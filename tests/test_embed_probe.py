@@ -209,7 +209,7 @@ def test_probe_with_given_test_set_maps_labels_by_name(ckpt, tmp_path, capsys):
     assert got["n_train"] == 21 and got["n_test"] == 15 and len(got["classes"]) == 7
     # The same clip gets the same class id and features on both sides.
     from ajepa.cli import build_parser
-    from ajepa.cli_eval import _encoder, _probe_split
+    from ajepa.cli.eval import _encoder, _probe_split
 
     parsed = build_parser().parse_args([*args, "--test-data", str(test_dir)])
     x_tr, y_tr, x_te, y_te, _ = _probe_split(parsed, _encoder(parsed))

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from helpers import micro_config
 
-import ajepa.train as train_mod
+import ajepa.step as step_mod
 from ajepa.audio import file_to_spec, load_audio, waveform_to_spec
 from ajepa.checkpoint import load_checkpoint
 from ajepa.cli import main
@@ -25,7 +25,8 @@ from ajepa.config import ConfigError, apply_overrides, from_dict, get_preset, lo
 from ajepa.data import synth_clip
 from ajepa.maskgeom import sample_targets
 from ajepa.masks import sample_masks
-from ajepa.train import RunLock, train
+from ajepa.runfolder import RunLock
+from ajepa.train import train
 
 
 def _cli(tmp_path: Path, out: Path, *extra: str, **overrides) -> list[str]:
@@ -175,7 +176,7 @@ def test_out_of_range_numbers_are_refused(override):
 
 
 def test_weights_that_turn_non_finite_are_never_saved_as_good(tmp_path, monkeypatch, capsys):
-    real = train_mod.update_target
+    real = step_mod.update_target
 
     def poison(model, tau, sharded):  # after step 3's update the online weights hold NaN
         real(model, tau, sharded)
@@ -185,7 +186,7 @@ def test_weights_that_turn_non_finite_are_never_saved_as_good(tmp_path, monkeypa
         poison.calls += 1
 
     poison.calls = 0
-    monkeypatch.setattr(train_mod, "update_target", poison)
+    monkeypatch.setattr(step_mod, "update_target", poison)
     out = tmp_path / "run"
     assert main(_cli(tmp_path, out, **{"train.ckpt_every": 2, "train.log_every": 1})) == 3
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from helpers import micro_config
 
-import ajepa.train as train_mod
+import ajepa.step as step_mod
 from ajepa.audio import AudioError
 from ajepa.checkpoint import CheckpointDir, load_checkpoint
 from ajepa.cli import main
@@ -192,7 +192,7 @@ def test_consecutive_nan_steps_stop_the_run_keeping_the_last_good_checkpoint(tmp
 
 
 def test_sigint_saves_stops_and_resumes_exactly(tmp_path, monkeypatch, reference):
-    ema, calls = train_mod.update_target, {"n": 0}
+    ema, calls = step_mod.update_target, {"n": 0}
 
     def interrupted(*args):
         ema(*args)
@@ -200,7 +200,7 @@ def test_sigint_saves_stops_and_resumes_exactly(tmp_path, monkeypatch, reference
         if calls["n"] == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_mod, "update_target", interrupted)
+    monkeypatch.setattr(step_mod, "update_target", interrupted)
     out = tmp_path / "r"
     result = train(micro_config(**RUN), out, progress=False)
     assert result.stopped_by == "SIGINT" and result.steps == 5
@@ -209,7 +209,7 @@ def test_sigint_saves_stops_and_resumes_exactly(tmp_path, monkeypatch, reference
     assert CheckpointDir(out).steps() == [4, 5] and not list(out.glob("*.tmp"))
     assert os.path.samefile(out / "checkpoint.pt", out / "checkpoint-00000005.pt")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    monkeypatch.setattr(train_mod, "update_target", ema)
+    monkeypatch.setattr(step_mod, "update_target", ema)
     _resume_matches(out, reference, until=8)
 
 
@@ -244,8 +244,8 @@ def test_kill9_mid_run_resumes_from_last_complete_checkpoint(tmp_path, reference
     out = tmp_path / "r"
     # each step is slowed down so that the kill lands mid-run, whatever the machine's speed
     proc = _python(
-        "import sys, time; import ajepa.train as t; ema = t.update_target\n"
-        "t.update_target = lambda *a: (ema(*a), time.sleep(0.2))\n"
+        "import sys, time; import ajepa.step as s, ajepa.train as t; ema = s.update_target\n"
+        "s.update_target = lambda *a: (ema(*a), time.sleep(0.2))\n"
         f"sys.exit(t.main({_args(tmp_path, out)!r}))", tmp_path)
     try:
         _kill_when(proc, lambda: (out / "checkpoint-00000004.pt").exists())

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ajepa.cli import add_set_option
-from ajepa.config import PRESETS, DataConfig, apply_overrides, get_preset
+from ajepa.cli.common import (
+    add_data_flag,
+    add_dataclass_options,
+    add_device_flag,
+    add_preset_flag,
+    add_progress_flag,
+    add_set_option,
+    dataclass_from_args,
+)
+from ajepa.config import DataConfig, apply_overrides, get_preset
 
 WHICH_HELP = "which encoder of a training checkpoint: target (the EMA encoder, default, as I-JEPA evaluates) or context"
 
@@ -29,15 +37,9 @@ def _add_encoder_args(p: argparse.ArgumentParser, data_required: bool = False) -
         help="use an untrained encoder of the same shape (the baseline that shows what pretraining bought); "
         "the shape comes from --preset, else from --checkpoint's config",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="encoder shape for --random-init")
+    add_preset_flag(p, None, "encoder shape for --random-init")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the --random-init weights (default 0)")
-    p.add_argument(
-        "--data",
-        default=None,
-        required=data_required,
-        help="audio folder (subfolders are labels) or .csv/.jsonl manifest ('path', optional 'label'); "
-        "default: the built-in synthetic corpus",
-    )
+    add_data_flag(p, required=data_required)
     p.add_argument(
         "--clips", type=int, default=280, help="clips of the built-in corpus when --data is not given (default 280)"
     )
@@ -49,13 +51,13 @@ def _add_encoder_args(p: argparse.ArgumentParser, data_required: bool = False) -
         "which uses seed 0, never saw)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass (default 32)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device_flag(p)
+    add_progress_flag(p)
 
 
 def _encoder(args):
+    from ajepa.device import resolve_device
     from ajepa.embed import encoder_for
-    from ajepa.train import resolve_device
 
     if not args.random_init and args.preset is not None:
         raise ValueError("--preset only sets the shape of a --random-init encoder; add --random-init or drop --preset")
@@ -176,23 +178,7 @@ def cmd_finetune(args) -> int:
 
     enc = _encoder(args)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
-    opts = FinetuneOptions(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        layer_decay=args.layer_decay,
-        warmup_epochs=args.warmup_epochs,
-        time_masks=args.time_masks,
-        time_mask_width=args.time_mask_width,
-        freq_masks=args.freq_masks,
-        freq_mask_width=args.freq_mask_width,
-        mixup=args.mixup,
-        reg_mask=args.reg_mask,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        device=args.device,
-    )
+    opts = dataclass_from_args(FinetuneOptions, args)
     vit = enc.vit
     res = finetune(enc.cfg, vit, ds, args.out, opts, progress=not args.no_progress, source=_source(args))
     print(
@@ -236,7 +222,9 @@ def cmd_plot(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """Register the evaluation and picture subcommands on cli.py's subparsers."""
+    from ajepa.finetune import FinetuneOptions
+
+    """Register embed, probe, finetune, export, masks and plot."""
     p = sub.add_parser(
         "embed",
         help="write frozen-encoder embeddings of a dataset to .npz",
@@ -282,32 +270,9 @@ def add_commands(sub) -> None:
         "A-JEPA's regularized masking. Keeps the best validation epoch in --out.",
     )
     _add_encoder_args(p)
-    p.set_defaults(batch_size=16)
     p.add_argument("--out", type=Path, required=True, help="folder for best.pt, best.safetensors and finetune.json")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default 1e-3)")
-    p.add_argument(
-        "--layer-decay",
-        type=float,
-        default=0.75,
-        help="layer-wise LR decay: block i of depth L gets lr * decay^(L - i) (default 0.75)",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices (default 0.05)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, in epochs (default 1)")
-    p.add_argument("--time-masks", type=int, default=2, help="SpecAugment time masks per clip (default 2)")
-    p.add_argument("--time-mask-width", type=int, default=24, help="largest time mask, in frames (default 24)")
-    p.add_argument("--freq-masks", type=int, default=2, help="SpecAugment frequency masks per clip (default 2)")
-    p.add_argument("--freq-mask-width", type=int, default=16, help="largest frequency mask, in mel bins (default 16)")
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 (default) disables")
-    p.add_argument(
-        "--reg-mask",
-        type=float,
-        default=0.0,
-        help="A-JEPA regularized masking: fraction of tokens per layer barred as attention keys "
-        "(still queries); A-JEPA uses 0.1; default 0 (off)",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share, stratified (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="split, shuffling and augmentation seed (default 0)")
+    add_dataclass_options(p, FinetuneOptions, skip=("batch_size", "device"))
+    p.set_defaults(batch_size=FinetuneOptions.batch_size)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="write a checkpoint's encoder as .safetensors (weights + config metadata)")
@@ -317,7 +282,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("masks", help="draw multiblock and time-frequency masks and the curriculum to a PNG")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="config whose grid and masks to draw")
+    add_preset_flag(p, "tiny", "config whose grid and masks to draw")
     add_set_option(p, "override one config field, e.g. --set masks.tf_num_targets=2 (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="training length for the curriculum curve (train.steps)")
     p.add_argument("--examples", type=int, default=2, help="spectrograms to draw (default 2)")

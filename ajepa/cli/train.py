@@ -1,4 +1,4 @@
-"""`ajepa train | synth | stats`: the command line."""
+"""`ajepa train | synth | stats`: pretraining and its data."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from ajepa.cli.common import (
+    add_data_flag,
+    add_device_flag,
+    add_preset_flag,
+    add_progress_flag,
+    add_set_option,
+)
 from ajepa.config import (
     IMPLS,
-    PRESETS,
     Config,
     ConfigError,
     apply_overrides,
@@ -21,19 +27,11 @@ from ajepa.config import (
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="named config preset to start from (default: tiny, CPU-friendly)")
+    add_preset_flag(p, None, "named config preset to start from (default: tiny, CPU-friendly)")
     p.add_argument("--config", type=Path, default=None,
                    help="YAML config file applied on top of the preset (same layout as a run's config.yaml)")
-    p.add_argument("--data", default=None,
-                   help="audio folder (searched recursively; subfolders are labels) or a .csv/.jsonl manifest "
-                        "with a 'path' column and an optional 'label'; default: the built-in synthetic corpus")
+    add_data_flag(p)
     add_set_option(p, "override one config field, e.g. --set train.steps=100 --set masks.mode=tf (repeatable)")
-
-
-def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
-    """The repeatable `--set SECTION.KEY=VALUE` override flag, collected into args.overrides."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
 # Flags that set one config field each: (attribute, field). The value keeps its argparse type;
@@ -80,7 +78,7 @@ def _resolve_config(args, saved: Config | None = None) -> Config:
 
 
 def cmd_train(args) -> int:
-    from ajepa.train import NonFiniteLossError, train
+    from ajepa.trainer import NonFiniteLossError, train
 
     if args.resume:  # continue with the run's own saved config, plus the flags that may change
         saved = args.out / "config.yaml"
@@ -141,9 +139,8 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ajepa", description="A-JEPA audio pretraining with Triton kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """Register train, synth and stats."""
 
     p = sub.add_parser("train", help="pretrain an A-JEPA encoder",
                        description="Pretrain an A-JEPA encoder. Writes config.yaml, metrics.jsonl and checkpoints to "
@@ -156,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="samples per step (train.batch_size)")
     p.add_argument("--impl", choices=IMPLS, default=None,
                    help="kernel path: auto (Triton on CUDA, reference on CPU), triton, or reference (train.impl)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
+    add_device_flag(p, None, "train.device")
     p.add_argument("--seed", type=int, default=None, help="seed for init, data order and masks (train.seed)")
     p.add_argument("--workers", type=int, default=None, help="data loader worker processes (train.num_workers)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile (train.compile)")
@@ -171,50 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: ddp (replicate the model) or fsdp (FSDP2 fully_shard) (train.parallel)")
     p.add_argument("--keep-last", type=int, default=None,
                    help="keep this many numbered checkpoints, 0 keeps all (train.keep_last, default 3)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="write the built-in synthetic corpus as labelled WAV files")
     p.add_argument("--out", type=Path, required=True, help="folder to write <class>/<index>.wav into")
     p.add_argument("--clips", type=int, default=256, help="number of clips (default 256)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="preset whose clip length to use")
+    add_preset_flag(p, "tiny", "preset whose clip length to use")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("stats", help="compute a dataset's fbank mean and std for audio.norm_mean/norm_std")
     _add_config_args(p)
     p.add_argument("--strict", action="store_true", help="a bad audio file is fatal (default: skipped and listed)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many clips")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_stats)
-
-    from ajepa.cli_eval import add_commands as add_eval_commands  # embed, probe, finetune, export, masks, plot
-
-    add_eval_commands(sub)
-
-    from ajepa.bench_cli import add_commands as add_bench_commands  # bench
-
-    add_bench_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as exc:  # ConfigError, AudioError, missing files, unwritable folders, full disks
-        print(f"ajepa {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one readable line: OS errors say what failed on which file."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
-    return " ".join(str(exc).split("\n")) if str(exc) else type(exc).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())
