@@ -1,5 +1,6 @@
 """The toolkit every op shares: implementation choice, supported shapes, the interpreter check,
-the device guard and the output allocator (with the test suite's NaN-poison switch).
+argument checks that name the argument, the device guard and the output allocator (with the
+test suite's NaN-poison switch).
 
 Every op has the same shape: argument checks in the public wrapper (``kernels/<op>/__init__.py``),
 pure math in ``reference.py``, launchers plus autograd in ``fused.py``. This module imports no
@@ -56,6 +57,28 @@ def resolve_impl(impl: str, device: torch.device, op: str) -> str:
     if impl == "triton" and not HAS_TRITON:
         raise ValueError(f"{op}: impl='triton' needs triton installed")
     return impl
+
+
+def check_is_tensor(op: str, name: str, t) -> None:
+    """ValueError naming the argument unless `t` is a tensor."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_same_device(op: str, name: str, t: Tensor, like_name: str, like: Tensor) -> None:
+    """ValueError naming the argument unless `t` lives on the device of `like`."""
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def check_index(op: str, name: str, t, dtype: torch.dtype, shape: str, like_name: str, like: Tensor) -> None:
+    """An index tensor (flat rows, cu_seqlens): a 1-D `dtype` tensor on the device of `like`."""
+    check_is_tensor(op, name, t)
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-D {shape}, got shape {tuple(t.shape)}")
+    check_same_device(op, name, t, like_name, like)
 
 
 def device_guard(device: torch.device):

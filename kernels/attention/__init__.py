@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import MAX_HEAD_DIM, MAX_SEQUENCES, MIN_HEAD_DIM, resolve_impl
+from kernels._common import (
+    MAX_HEAD_DIM,
+    MAX_SEQUENCES,
+    MIN_HEAD_DIM,
+    check_index,
+    check_is_tensor,
+    check_same_device,
+    resolve_impl,
+)
 from kernels.attention.reference import varlen_attention_ref
 
 try:  # triton is a Linux-only dependency; the reference path works without it
@@ -27,8 +35,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _check_metadata(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scale) -> None:
     """Checks that need no device sync (always run)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
+        check_is_tensor(_OP, name, t)
         if t.dim() != 3:
             raise ValueError(f"{_OP}: {name} must be [T, H, Dh], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -38,21 +45,15 @@ def _check_metadata(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
             raise ValueError(f"{_OP}: {name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{_OP}: {name} dtype {t.dtype} != q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device}, q on {q.device}")
+        check_same_device(_OP, name, t, "q", q)
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
             f"{_OP}: q/k/v head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}"
         )
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"{_OP}: cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{_OP}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{_OP}: cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"{_OP}: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    check_index(_OP, "cu_seqlens", cu_seqlens, torch.int32, "[S+1]", "q", q)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{_OP}: cu_seqlens must hold S+1 >= 1 offsets, got none")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{_OP}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):

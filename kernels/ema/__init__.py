@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels._common import resolve_impl
+from kernels._common import check_is_tensor, resolve_impl
 from kernels.ema.reference import ema_update_ref
 
 try:  # triton is a Linux-only dependency; the reference path works without it
@@ -64,10 +64,8 @@ def _all_pairs_valid(targets: list, onlines: list) -> bool:
 
 def _check_pairs(targets: list, onlines: list, op: str) -> None:
     for i, (t, o) in enumerate(zip(targets, onlines)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{op}: target[{i}] is a {type(t).__name__}, not a tensor")
-        if not isinstance(o, Tensor):
-            raise ValueError(f"{op}: online[{i}] is a {type(o).__name__}, not a tensor")
+        check_is_tensor(op, f"target[{i}]", t)
+        check_is_tensor(op, f"online[{i}]", o)
         if t.dtype != torch.float32:
             raise ValueError(f"{op}: target[{i}] must be float32, got {t.dtype}")
         if o.dtype not in ONLINE_DTYPES:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import resolve_impl
+from kernels._common import check_index, check_is_tensor, check_same_device, resolve_impl
 from kernels.gather.reference import gather_layer_norm_ref, masked_gather_ref
 
 try:  # triton is a Linux-only dependency; the reference path works without it
@@ -23,20 +23,12 @@ def _check_args(x, index, pos, validate: bool, op: str) -> int:
     Shape/dtype/device checks are host metadata and always run; the index range
     check reads index values (a host sync on CUDA) and runs only when `validate`.
     """
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    check_is_tensor(op, "x", x)
     if x.dim() not in (2, 3) or not x.is_floating_point():
         raise ValueError(
             f"{op}: x must be a floating [B, N, D] or [R, D] tensor, got shape {tuple(x.shape)} dtype {x.dtype}"
         )
-    if not isinstance(index, Tensor):
-        raise ValueError(f"{op}: index must be a torch.Tensor, got {type(index).__name__}")
-    if index.dtype != torch.int64:
-        raise ValueError(f"{op}: index must be int64, got {index.dtype}")
-    if index.dim() != 1:
-        raise ValueError(f"{op}: index must be 1-D [T], got shape {tuple(index.shape)}")
-    if index.device != x.device:
-        raise ValueError(f"{op}: index is on {index.device} but x is on {x.device}")
+    check_index(op, "index", index, torch.int64, "[T]", "x", x)
     D = x.shape[-1]
     rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     # N: the period of pos, x.shape[1] for [B, N, D] x, pos.shape[0] for [R, D] x.
@@ -54,8 +46,7 @@ def _check_args(x, index, pos, validate: bool, op: str) -> int:
             raise ValueError(f"{op}: pos must have shape {want}, got {tuple(pos.shape)}")
         if pos.dtype != x.dtype:
             raise ValueError(f"{op}: pos dtype {pos.dtype} differs from x dtype {x.dtype}")
-        if pos.device != x.device:
-            raise ValueError(f"{op}: pos is on {pos.device} but x is on {x.device}")
+        check_same_device(op, "pos", pos, "x", x)
     if validate and index.numel() > 0:
         lo, hi = torch.aminmax(index)
         lo, hi = int(lo), int(hi)
