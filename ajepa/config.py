@@ -18,8 +18,8 @@ import yaml
 
 from ajepa.device import DEVICE_PATTERN
 from ajepa.maskgeom import context_room
+from kernels import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM
 
-IMPLS = ("auto", "triton", "reference")
 MASK_MODES = ("curriculum", "multiblock", "tf")
 LOSSES = ("l2", "smooth_l1")
 PARALLEL = ("ddp", "fsdp")
@@ -419,9 +419,9 @@ def validate(cfg: Config) -> Config:
     for name, dim, heads in widths:
         if heads < 1 or dim % heads:
             raise ConfigError(f"{name}={dim} must be divisible by its number of heads ({heads})")
-        if not 8 <= dim // heads <= 128:
-            raise ConfigError(
-                f"{name}/heads = {dim // heads}: head dim must be in 8..128 (the attention kernel's range)")
+        if not MIN_HEAD_DIM <= dim // heads <= MAX_HEAD_DIM:
+            raise ConfigError(f"{name}/heads = {dim // heads}: head dim must be in "
+                              f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM} (the attention kernel's range)")
     if m.depth < 1 or m.pred_depth < 1:
         raise ConfigError("model.depth and model.pred_depth must be >= 1")
     if m.loss not in LOSSES:

@@ -6,13 +6,15 @@ Every op takes ``impl="auto" | "triton" | "reference"``: "auto" runs Triton on C
 tensors and the reference elsewhere. See each op's docstring for shapes.
 """
 
-from kernels._dispatch import IMPLS, resolve_impl
+from kernels._common import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM, resolve_impl
 from kernels.attention import varlen_attention, varlen_attention_qkvpacked
 from kernels.ema import ema_update
 from kernels.gather import gather_layer_norm, masked_gather
 
 __all__ = [
     "IMPLS",
+    "MAX_HEAD_DIM",
+    "MIN_HEAD_DIM",
     "ema_update",
     "gather_layer_norm",
     "masked_gather",

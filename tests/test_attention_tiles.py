@@ -1,7 +1,7 @@
 """The varlen-attention tile table: built-in entries, overrides, tuned-table files, the tuner.
 
 Launch-level checks run the Triton kernels through the interpreter with the GPU tile path
-switched on (fused._interpreting patched to False), so the tile a table names is the tile used.
+switched on (fused.interpreting patched to False), so the tile a table names is the tile used.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEVICE
 
 from kernels.attention import fused, tiles
 from kernels.attention.reference import varlen_attention_ref
@@ -23,7 +24,6 @@ if str(ROOT) not in sys.path:  # bench/ is part of the source tree, not of the i
     sys.path.insert(0, str(ROOT))
 from bench.tune_attention import tune_entry  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ALL_KEYS = [(k, d, dt) for k in tiles.KINDS for d in tiles.BLOCK_DS for dt in tiles.DTYPES.values()]
 
 
@@ -40,7 +40,7 @@ def clean_overrides():
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     """Launches take their tiles from the table, as on a GPU (on the CPU the interpreter runs them)."""
-    monkeypatch.setattr(fused, "_interpreting", lambda: False)
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
 
 
 def test_every_entry_has_a_valid_default_and_candidates():

@@ -6,7 +6,7 @@ import inspect
 import pytest
 import torch
 import torch.nn as nn
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 from kernels.ema import ema_update, fused
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._dispatch import resolve_impl
+from kernels._common import (
+    MAX_HEAD_DIM,
+    MAX_SEQUENCES,
+    MIN_HEAD_DIM,
+    check_index,
+    check_is_tensor,
+    check_same_device,
+    resolve_impl,
+)
 from kernels.attention.reference import varlen_attention_ref
 
 try:  # triton is a Linux-only dependency; the reference path works without it
@@ -21,14 +29,13 @@ except ImportError:  # pragma: no cover - depends on the platform
 __all__ = ["varlen_attention", "varlen_attention_qkvpacked", "varlen_attention_ref"]
 
 _OP = "varlen_attention"
-MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_metadata(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scale) -> None:
     """Checks that need no device sync (always run)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
+        check_is_tensor(_OP, name, t)
         if t.dim() != 3:
             raise ValueError(f"{_OP}: {name} must be [T, H, Dh], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -38,21 +45,15 @@ def _check_metadata(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
             raise ValueError(f"{_OP}: {name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{_OP}: {name} dtype {t.dtype} != q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device}, q on {q.device}")
+        check_same_device(_OP, name, t, "q", q)
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
             f"{_OP}: q/k/v head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}"
         )
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"{_OP}: cu_seqlens must be a Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"{_OP}: cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{_OP}: cu_seqlens must be 1-D [S+1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"{_OP}: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    check_index(_OP, "cu_seqlens", cu_seqlens, torch.int32, "[S+1]", "q", q)
+    if cu_seqlens.numel() < 1:
+        raise ValueError(f"{_OP}: cu_seqlens must hold S+1 >= 1 offsets, got none")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"{_OP}: max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
@@ -76,6 +77,29 @@ def _check_values(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
         raise ValueError(f"{_OP}: max_seqlen={max_seqlen} < longest sequence length {max_len}")
 
 
+def _check_triton_support(q: Tensor, cu_seqlens: Tensor) -> None:
+    """Limits of the Triton path beyond the op's own checks (no device sync)."""
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{_OP}: impl='triton' supports q dtypes {_TRITON_DTYPES}, got {q.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise ValueError(f"{_OP}: impl='triton' with bfloat16 q needs CUDA (the Triton interpreter has no bfloat16)")
+    if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
+        raise ValueError(f"{_OP}: cu_seqlens holds {cu_seqlens.numel() - 1} sequences; "
+                         f"impl='triton' supports at most {MAX_SEQUENCES}")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scale, impl: str,
+           validate: bool) -> tuple[str, float]:
+    """Every check of both entry points, once; returns (the path, the scale as a float)."""
+    _check_metadata(q, k, v, cu_seqlens, max_seqlen, scale)
+    path = resolve_impl(impl, q.device, _OP)
+    if validate:
+        _check_values(cu_seqlens, q.shape[0], max_seqlen)
+    if path == "triton":
+        _check_triton_support(q, cu_seqlens)
+    return path, float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -96,16 +120,9 @@ def varlen_attention(
     validate:   check cu_seqlens values (a host sync on CUDA); metadata is always checked.
     Returns [T, H, Dh] contiguous, dtype of q; differentiable w.r.t. q, k, v.
     """
-    _check_metadata(q, k, v, cu_seqlens, max_seqlen, scale)
-    path = resolve_impl(impl, q.device, _OP)
-    if validate:
-        _check_values(cu_seqlens, q.shape[0], max_seqlen)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    path, scale = _check(q, k, v, cu_seqlens, max_seqlen, scale, impl, validate)
     if path == "reference":
         return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale)
-    if _fused is None:
-        raise ValueError(f"{_OP}: impl='triton' needs triton installed")
-    _fused.check_supported(q, k, v, cu_seqlens)
     return _fused.varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
@@ -122,12 +139,8 @@ def varlen_attention_qkvpacked(
         shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
         raise ValueError(f"{_OP}: qkv must be [T, 3, H, Dh], got {shape}")
     q, k, v = qkv.unbind(1)
-    if resolve_impl(impl, qkv.device, _OP) == "reference" or _fused is None:
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, impl=impl, validate=validate)
-    # Triton: same checks, then the packed op, whose backward writes one dqkv buffer
-    _check_metadata(q, k, v, cu_seqlens, max_seqlen, scale)
-    if validate:
-        _check_values(cu_seqlens, qkv.shape[0], max_seqlen)
-    _fused.check_supported(q, k, v, cu_seqlens)
-    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
+    path, scale = _check(q, k, v, cu_seqlens, max_seqlen, scale, impl, validate)
+    if path == "reference":
+        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale)
+    # the packed op, whose backward writes one dqkv buffer
     return _fused.varlen_attention_qkvpacked_triton(qkv, cu_seqlens, max_seqlen, scale)

@@ -8,30 +8,21 @@ Grid of every per-sequence kernel: (cdiv(max_seqlen, BLOCK), H, S); a program re
 sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end.
 The backward is deterministic: dk/dv per key block loop over the sequence's query blocks, dq per
 query block loops over key blocks; no atomics.
+
+Inputs are checked by ``kernels.attention`` (head dims, at most MAX_SEQUENCES sequences, dtypes).
 """
 
 from __future__ import annotations
-
-import os
-from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels._common import device_guard, interpreting, new_output
 from kernels.attention import tiles
 
 _LOG2E = 1.4426950408889634
-# CUDA limits grid dims 1 and 2 to 65535; S lives on dim 2.
-MAX_SEQUENCES = 65535
-# Test hook: allocate outputs filled with NaN so an unwritten element shows up.
-POISON_OUTPUTS = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 # ---------------------------------------------------------------------------------------------
 # kernels
@@ -271,7 +262,7 @@ def _block_d(head_dim: int) -> int:
 
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     """Launch kwargs of one kernel ("fwd" | "dkdv" | "dq"): the tile table of tiles.py."""
-    if _interpreting():
+    if interpreting():
         # numpy executes each program: few, mid-sized tiles keep the test suite fast
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return tiles.tile(kind, block_d, dtype).kwargs()
@@ -282,70 +273,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _on_device_of(t: Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' one
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
-def _new(shape, dtype, device) -> Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def check_supported(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
-    """Triton-path limits beyond the op's shared metadata checks; ValueError naming the argument."""
-    allowed = (torch.float16, torch.bfloat16, torch.float32)
-    if q.dtype not in allowed:
-        raise ValueError(f"varlen_attention: impl='triton' supports q dtypes {allowed}, got {q.dtype}")
-    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
-        raise ValueError("varlen_attention: impl='triton' with bfloat16 q needs CUDA "
-                         "(the Triton interpreter has no bfloat16)")
-    if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
-        raise ValueError(f"varlen_attention: cu_seqlens holds {cu_seqlens.numel() - 1} sequences; "
-                         f"impl='triton' supports at most {MAX_SEQUENCES}")
-
-
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_launch(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, **more: Tensor) -> None:
-    """Metadata the kernels rely on (no device sync): ValueError naming the argument.
-
-    Any strides work, the Dh stride included (the kernels take all three strides).
-    """
-    if q.dim() != 3 or not 1 <= q.shape[-1] <= 128:
-        raise ValueError(f"varlen_attention: q must be [T, H, Dh] with Dh <= 128, got {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v), *more.items()):
-        want = (q.shape[1], q.shape[0]) if name == "lse" else tuple(q.shape)
-        if tuple(t.shape) != want or t.device != q.device:
-            raise ValueError(f"varlen_attention: {name} must be {want} on {q.device}, "
-                             f"got {tuple(t.shape)} on {t.device}")
-        if name != "lse" and t.dtype != q.dtype:
-            raise ValueError(f"varlen_attention: {name} dtype {t.dtype} != q dtype {q.dtype}")
-    if "lse" in more and more["lse"].dtype != torch.float32:
-        raise ValueError(f"varlen_attention: lse must be float32, got {more['lse'].dtype}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.device != q.device:
-        raise ValueError("varlen_attention: cu_seqlens must be a 1-D int32 tensor on q's device")
-    check_supported(q, k, v, cu_seqlens)
-
-
 def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                     scale: float) -> tuple[Tensor, Tensor]:
-    """q, k, v [T, H, Dh] (strided) -> (o [T, H, Dh] contiguous, lse fp32 [H, T], base 2)."""
-    _check_launch(q, k, v, cu_seqlens)
+    """q, k, v [T, H, Dh] (any strides, Dh's included) -> (o [T, H, Dh] contiguous, lse fp32 [H, T], base 2)."""
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
-    o = _new((total, heads, head_dim), q.dtype, q.device)
-    lse = _new((heads, total), torch.float32, q.device)
+    o = new_output((total, heads, head_dim), q.dtype, q.device)
+    lse = new_output((heads, total), torch.float32, q.device)
     if total == 0 or nseq == 0 or max_seqlen == 0:
         return o, lse
     block_d = _block_d(head_dim)
     cfg = _config("fwd", block_d, q.dtype)
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
-    with _on_device_of(q):
+    with device_guard(q.device):
         _varlen_attn_fwd_kernel[grid](
             q, k, v, o, lse, cu_seqlens,
             scale * _LOG2E,
@@ -361,14 +306,13 @@ def varlen_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
                     cu_seqlens: Tensor, max_seqlen: int, scale: float,
                     dq: Tensor, dk: Tensor, dv: Tensor) -> None:
     """Writes dq, dk, dv ([T, H, Dh], any strides, preallocated) from do [T, H, Dh] and lse [H, T]."""
-    _check_launch(q, k, v, cu_seqlens, do=do, o=o, lse=lse, dq=dq, dk=dk, dv=dv)
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
     if total == 0 or nseq == 0 or max_seqlen == 0:  # nothing to attend (T == 0 when inputs are valid)
         for g in (dq, dk, dv):
             g.zero_()
         return
-    with _on_device_of(q):
+    with device_guard(q.device):
         _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
 
 
@@ -376,7 +320,7 @@ def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) 
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
     block_d = _block_d(head_dim)
-    delta = torch.empty((heads, total), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+    delta = new_output((heads, total), torch.float32, q.device)  # rowsum(dO * O)
     block_t = 64
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
         o, do, delta, total, *o.stride(), *do.stride(), delta.stride(0),
@@ -425,7 +369,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 def _varlen_attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         cu_seqlens: Tensor, max_seqlen: int,
                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = (_new(q.shape, q.dtype, q.device) for _ in range(3))
+    dq, dk, dv = (new_output(q.shape, q.dtype, q.device) for _ in range(3))
     varlen_attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
     return dq, dk, dv
 
@@ -469,7 +413,7 @@ def _(qkv, cu_seqlens, max_seqlen, scale):
 def _varlen_attn_qkvpacked_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor,
                                   cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
     # writes dq, dk, dv straight into one [T, 3, H, Dh] buffer: no stack/cat copy in backward
-    dqkv = _new(qkv.shape, qkv.dtype, qkv.device)
+    dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     varlen_attn_bwd(do, *qkv.unbind(1), o, lse, cu_seqlens, max_seqlen, scale, *dqkv.unbind(1))
     return dqkv
 
@@ -516,8 +460,6 @@ def varlen_attention_qkvpacked_triton(qkv: Tensor, cu_seqlens: Tensor, max_seqle
 
 
 __all__ = [
-    "MAX_SEQUENCES",
-    "check_supported",
     "varlen_attention_qkvpacked_triton",
     "varlen_attention_triton",
     "varlen_attn_bwd",

@@ -4,11 +4,11 @@ The kernel reads a table of int64 data pointers and sizes, and a per-program blo
 table (which tensor, which block of it), so tensors of any mix of sizes share one
 grid. The table is cached, keyed by its own contents (pointers, sizes), so repeated
 calls on the same parameters reuse it and any change of tensors builds a new one.
+Inputs are checked by ``kernels.ema``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 
 import torch
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ema.reference import check_ema_args
+from kernels._common import device_guard
 
 BLOCK = 4096  # elements per program
 _ALIGN = 16  # bytes; pointers stored divided by this when all are aligned (see kernel)
@@ -91,9 +91,7 @@ def _ema_launch(targets: list[Tensor], onlines: list[Tensor], tau: float, one_mi
     table, n_tensors, n_blocks, align = _table(targets, onlines)
     if n_blocks == 0:
         return
-    device = targets[0].device
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:  # Triton launches on the current CUDA device
+    with device_guard(targets[0].device):
         _ema_update_kernel[(n_blocks,)](
             table,
             n_tensors,
@@ -133,18 +131,12 @@ def _(target, online, tau, one_minus_tau):
     return None
 
 
-def ema_update_triton(target, online, tau, checked: bool = False) -> None:
+def ema_update_triton(target: list[Tensor], online: list[Tensor], tau: float) -> None:
     """In place, no grad: t = tau * t + (1 - tau) * o over all pairs, in one launch.
 
-    target: sequence of fp32 tensors (or one tensor), online: same shapes, fp32/fp16/bf16.
-    Targets must be contiguous (written through raw pointers); a non-contiguous online
-    tensor is copied first.
+    target: list of contiguous fp32 tensors (written through raw pointers), online: a list of the
+    same shapes, fp32/fp16/bf16; a non-contiguous online tensor is copied first.
     """
-    if not checked:
-        target, online, tau = check_ema_args(target, online, tau)
-    if not all(map(Tensor.is_contiguous, target)):
-        i = next(i for i, t in enumerate(target) if not t.is_contiguous())
-        raise ValueError(f"ema_update: target[{i}] must be contiguous for impl='triton'")
     if not all(map(Tensor.is_contiguous, online)):
         online = [o if o.is_contiguous() else o.contiguous() for o in online]
     if not target:

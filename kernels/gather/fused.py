@@ -1,13 +1,12 @@
 """Triton masked gather: forward gather(+pos), deterministic scatter-add backward, gather+layer-norm.
 
-Layout: kernels, then launchers (checks, strides, allocation), then torch custom ops
-(opaque to torch.compile, with fake impls), then the autograd.Function and the
-functional ops.
+Layout: kernels, then launchers (strides, tiles, allocation), then torch custom ops (opaque to
+torch.compile, with fake impls and an autograd formula), then the functional ops. Inputs are
+checked by ``kernels.gather``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -15,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.gather.reference import check_gather_args
+from kernels._common import device_guard, new_output
 
 
 @triton.jit
@@ -130,16 +129,6 @@ def _gather_layer_norm_fwd_kernel(
     tl.store(out + rows[:, None] * D + cols[None, :], y.to(out.dtype.element_ty), mask=mask)
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every output buffer comes from here; tests patch it to NaN-fill so an unwritten row fails."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
     """(N_X, stride_b, stride_n, stride_d) so that row i of x is at (i // N_X) * sb + (i % N_X) * sn."""
     if x.dim() == 3:
@@ -149,7 +138,7 @@ def _x_as_3d(x: Tensor) -> tuple[int, int, int, int]:
 
 def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
     T, D = index.shape[0], x.shape[-1]
-    out = _empty((T, D), x.dtype, x.device)
+    out = new_output((T, D), x.dtype, x.device)
     if T == 0 or D == 0:
         return out
     index = index.contiguous()
@@ -159,7 +148,7 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
     has_pos = pos is not None
     p = pos if has_pos else x
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _masked_gather_fwd_kernel[grid](
             x,
             index,
@@ -192,7 +181,7 @@ def _bwd_splits(n_entries: int, n_rows: int) -> int:
 def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     """out[r] = sum of grad[t] over t with keys[t] == r, in a fixed order: [n_rows, D]."""
     D = grad.shape[1]
-    out = _empty((n_rows, D), grad.dtype, grad.device)
+    out = new_output((n_rows, D), grad.dtype, grad.device)
     if n_rows == 0 or D == 0:
         return out
     sorted_keys, perm = torch.sort(keys, stable=True)
@@ -203,9 +192,9 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     BLOCK_R = max(1, min(16, (2048 if fp64 else 4096) // BLOCK_D))
     splits = 1 if fp64 else _bwd_splits(keys.numel(), n_rows)
     # SPLITS > 1: fp32 partials, summed below in split order (a fixed-shape torch reduction)
-    dst = out if splits == 1 else _empty((splits * n_rows, D), torch.float32, grad.device)
+    dst = out if splits == 1 else new_output((splits * n_rows, D), torch.float32, grad.device)
     grid = (triton.cdiv(n_rows, BLOCK_R), triton.cdiv(D, BLOCK_D), splits)
-    with _device_guard(grad.device):
+    with device_guard(grad.device):
         _masked_gather_bwd_kernel[grid](
             grad,
             perm,
@@ -228,7 +217,7 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
 
 def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
     T, D = index.shape[0], x.shape[-1]
-    out = _empty((T, D), x.dtype, x.device)
+    out = new_output((T, D), x.dtype, x.device)
     if T == 0 or D == 0:
         return out
     index = index.contiguous()
@@ -236,7 +225,7 @@ def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_T = max(1, min(16, 4096 // BLOCK_D))
     grid = (triton.cdiv(T, BLOCK_T),)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _gather_layer_norm_fwd_kernel[grid](
             x,
             index,
@@ -286,41 +275,38 @@ def _(x, index, eps):
     return x.new_empty((index.shape[0], x.shape[-1]))
 
 
-class MaskedGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.x_shape = x.shape
-        ctx.n_pos = n_pos
-        ctx.has_pos = pos is not None
-        return masked_gather_fwd_op(x, index, pos, n_pos)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (index,) = ctx.saved_tensors
-        grad_x = grad_pos = None
-        if ctx.needs_input_grad[0]:
-            n_rows = ctx.x_shape[:-1].numel()
-            grad_x = masked_gather_bwd_op(grad, index, n_rows).view(ctx.x_shape)
-        if ctx.has_pos and ctx.needs_input_grad[2]:
-            # grad_pos reduces over the batch: rows index % N
-            grad_pos = masked_gather_bwd_op(grad, index % ctx.n_pos, ctx.n_pos)
-        return grad_x, None, grad_pos, None
+def _gather_setup_context(ctx, inputs, output):
+    x, index, pos, n_pos = inputs
+    ctx.save_for_backward(index)
+    ctx.x_shape, ctx.n_pos, ctx.has_pos = x.shape, n_pos, pos is not None
 
 
-def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None = None, validate: bool = True) -> Tensor:
+def _gather_backward(ctx, grad: Tensor):
+    (index,) = ctx.saved_tensors
+    grad_x = grad_pos = None
+    if ctx.needs_input_grad[0]:
+        n_rows = ctx.x_shape[:-1].numel()
+        grad_x = masked_gather_bwd_op(grad, index, n_rows).view(ctx.x_shape)
+    if ctx.has_pos and ctx.needs_input_grad[2]:
+        # grad_pos reduces over the batch: rows index % N
+        grad_pos = masked_gather_bwd_op(grad, index % ctx.n_pos, ctx.n_pos)
+    return grad_x, None, grad_pos, None
+
+
+masked_gather_fwd_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
+
+def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
     """Triton masked gather.
 
-    x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None -> out [T, D]:
+    x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None, n_pos = N -> out [T, D]:
     out[t] = x.reshape(-1, D)[index[t]] (+ pos[index[t] % N]). Backward: deterministic
     segmented scatter-add (duplicates summed in a fixed order, fp32 accumulation).
     """
-    n_pos = check_gather_args(x, index, pos, validate, "masked_gather")
-    return MaskedGather.apply(x, index, pos, n_pos)
+    return masked_gather_fwd_op(x, index, pos, n_pos)
 
 
-def gather_layer_norm_triton(x: Tensor, index: Tensor, eps: float = 1e-5, validate: bool = True) -> Tensor:
+def gather_layer_norm_triton(x: Tensor, index: Tensor, eps: float = 1e-5) -> Tensor:
     """Triton gather + layer-norm of the gathered rows only: x [B, N, D] | [R, D], index [T] -> [T, D]."""
-    check_gather_args(x, index, None, validate, "gather_layer_norm")
     with torch.no_grad():
         return gather_layer_norm_op(x, index, float(eps))
