@@ -315,7 +315,7 @@ class StepDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         try:
             return self._item(key)
-        except (AudioError, ValueError) as exc:  # reaches the main process as one line (see LoaderFailure)
+        except AudioError as exc:  # reaches the main process as one line (see LoaderFailure)
             return LoaderFailure(exc)
 
     def _item(self, key: tuple[int, int]):
