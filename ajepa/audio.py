@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -83,6 +84,58 @@ def fbank(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
         frame_length=cfg.frame_length_ms,
         frame_shift=cfg.frame_shift_ms,
     )
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_bank(num_bins: int, padded: int, sample_rate: int) -> torch.Tensor:
+    """kaldi's mel filter bank [num_bins, padded // 2 + 1] (the Nyquist column zero), as kaldi.fbank builds it
+    with its defaults (low 20 Hz, high = Nyquist, no VTLN)."""
+    bank, _ = kaldi.get_mel_banks(num_bins, padded, float(sample_rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+    return torch.nn.functional.pad(bank, (0, 1))
+
+
+def batch_fbank(waves: torch.Tensor, lengths: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """The frontend for a whole batch in one computation, on whatever device `waves` is on:
+    mono waveforms at cfg.sample_rate, padded [B, S], with their `lengths` [B] -> normalized
+    log-mel spectrograms [B, cfg.target_frames, cfg.num_mel_bins].
+
+    Per clip it computes what `fbank` + `crop_or_pad` (offset 0) + `normalize` compute: the clip's
+    mean removed (a clip shorter than one window is zero-padded to one first), kaldi framing
+    (snip_edges: 1 + (L - win) // hop frames), per-frame DC removal, pre-emphasis 0.97, a symmetric
+    Hanning window, the power spectrum of the window zero-padded to a power of two, kaldi's mel
+    bank and the log, floored at float eps; frames past the clip's end are zero before
+    normalization, as padding is. Matches `torchaudio.compliance.kaldi.fbank` per clip to within
+    float rounding (tests/test_audio.py)."""
+    if waves.dim() != 2 or lengths.dim() != 1 or lengths.numel() != waves.shape[0]:
+        raise AudioError(f"batch_fbank: waves must be [B, S] and lengths [B], got {tuple(waves.shape)} "
+                         f"and {tuple(lengths.shape)}")
+    if bool((lengths < 1).any()) or bool((lengths > waves.shape[1]).any()):
+        raise AudioError(f"batch_fbank: lengths must be in 1..{waves.shape[1]}")
+    waves, device = waves.float(), waves.device
+    B, S = waves.shape
+    win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+    hop = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+    T = cfg.target_frames
+    lengths = lengths.to(device=device, dtype=torch.long).clamp(min=win)  # short clips: one zero-padded window
+    need = (T - 1) * hop + win
+    waves = torch.nn.functional.pad(waves, (0, max(0, need - S)))[:, : max(need, S)]
+    samples = torch.arange(waves.shape[1], device=device)
+    inside = samples[None, :] < lengths[:, None]
+    waves = torch.where(inside, waves, 0.0)
+    waves = torch.where(inside, waves - waves.sum(1, keepdim=True) / lengths[:, None], 0.0)
+    frames = waves[:, :need].unfold(1, win, hop)  # [B, T, win]
+    frames = frames - frames.mean(-1, keepdim=True)
+    frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = frames * torch.hann_window(win, periodic=False, device=device)
+    power = torch.fft.rfft(frames, n=_pow2(win)).abs().pow(2)
+    mel = power @ _mel_bank(cfg.num_mel_bins, _pow2(win), cfg.sample_rate).to(device).T
+    mel = mel.clamp_min(torch.finfo(mel.dtype).eps).log()
+    valid = torch.arange(T, device=device)[None, :] < (1 + (lengths - win) // hop)[:, None]
+    return normalize(torch.where(valid[..., None], mel, 0.0), cfg)
 
 
 def crop_or_pad(spec: torch.Tensor, frames: int, offset: int = 0) -> torch.Tensor:
