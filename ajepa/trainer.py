@@ -39,6 +39,7 @@ from ajepa.runfolder import CheckpointWriteError, MetricsLog, RunLock, StopSigna
 from ajepa.step import DeviceCounters, StepStats, TrainStep, weights_finite
 
 log = logging.getLogger("ajepa")
+INPUT_BOUND = 0.10  # warn once when the step waits for data more than this share of the time
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,11 +170,13 @@ class Trainer:
         self.window_bad_samples = 0
         self.t_start = self.t_log = time.perf_counter()
         self.n_log, self.stopped_by, step = 0, None, self.start
+        self.data_wait, self.warned_input_bound = 0.0, False
         bar = tqdm(total=self.end, initial=self.start, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
         try:
             with StopSignals() as signals:
-                for batch in self.loader:
+                batches = iter(self.loader)
+                while (batch := self._next_batch(batches)) is not None:
                     step = self._note_bad_audio(batch).step
                     batch = batch.to(self.device, non_blocking=True)
                     stats = self.step_fn(batch.spec, batch.masks, step, batch.target_count)
@@ -190,6 +193,13 @@ class Trainer:
         reached = step + 1 if self.stopped_by else self.end
         return TrainResult(self.out, reached, self.losses, time.perf_counter() - self.t_start, self.stopped_by,
                            self.counters, self.model)
+
+    def _next_batch(self, batches) -> Batch | None:
+        """The next batch, timing how long the step waited for it (the data-wait metric)."""
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        self.data_wait += time.perf_counter() - t0
+        return batch
 
     def _note_bad_audio(self, batch: Batch) -> Batch:
         if batch.error is not None:  # raised in a loader worker: its one-line message, no traceback
@@ -251,6 +261,7 @@ class Trainer:
         n_good = float(self.device_counters.good)
         mean_loss = loss_sum / n_good if n_good > 0 else math.nan
         sps = self.n_log * self.cfg.train.batch_size / (now - self.t_log)
+        wait = min(1.0, self.data_wait / max(now - self.t_log, 1e-9))  # share of wall time spent waiting for data
         self.losses.append((done, mean_loss))
         if self.metrics is not None:
             c = self.counters
@@ -258,9 +269,16 @@ class Trainer:
                 "step": done, "loss": mean_loss if n_good > 0 else None, "lr": stats.lr, "wd": stats.wd,
                 "momentum": stats.tau, "samples_per_s": sps, "tf_masks": batch.masks.use_tf,
                 "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "bad_files": c["bad_files"],
+                "data_wait": wait,
             })
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats.lr:.2e}", m=f"{stats.tau:.4f}", sps=f"{sps:.1f}")
-        self.t_log, self.n_log = now, 0
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats.lr:.2e}", m=f"{stats.tau:.4f}", sps=f"{sps:.1f}",
+                        wait=f"{wait:.0%}")
+        if wait > INPUT_BOUND and done > self.cfg.train.log_every and not self.warned_input_bound and self.info.is_main:
+            self.warned_input_bound = True
+            log.warning("input-bound: the step waited for data %.0f%% of the time up to step %d; more loader workers "
+                        "(--workers, now %d) or a cheaper input pipeline would speed this run up",
+                        100 * wait, done, self.cfg.train.num_workers)
+        self.t_log, self.n_log, self.data_wait = now, 0, 0.0
 
     def save(self, done: int) -> None:
         """Write the step-`done` checkpoint (rank 0; a collective under FSDP, so every rank calls it)."""

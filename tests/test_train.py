@@ -47,3 +47,33 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_data_wait_is_measured_and_an_input_bound_run_is_warned_once(tmp_path, monkeypatch, caplog):
+    import logging
+    import time
+
+    from ajepa.data import SyntheticDataset
+
+    cfg = micro_config(**{"train.steps": 4, "train.log_every": 2})
+    clip = torch.zeros(1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+
+    def run(name: str, seconds_per_clip: float) -> list[float]:
+        def load(self, i, generator=None):
+            time.sleep(seconds_per_clip)
+            return clip
+
+        monkeypatch.setattr(SyntheticDataset, "spectrogram", load)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ajepa"):
+            train(cfg, tmp_path / name, progress=False)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["data_wait"] for r in rows]
+
+    slow = run("slow", 0.5)  # 2 s of loading per step of a 48-wide model
+    assert all(0.2 < w <= 1.0 for w in slow), slow
+    warnings = [r.getMessage() for r in caplog.records if "input-bound" in r.getMessage()]
+    assert len(warnings) == 1 and "--workers" in warnings[0]
+    fast = run("fast", 0.0)
+    assert max(fast) < min(slow) and max(fast) < 0.2, (fast, slow)
+    assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
