@@ -222,9 +222,9 @@ def cmd_plot(args) -> int:
 
 
 def add_commands(sub) -> None:
+    """Register embed, probe, finetune, export, masks and plot."""
     from ajepa.finetune import FinetuneOptions
 
-    """Register embed, probe, finetune, export, masks and plot."""
     p = sub.add_parser(
         "embed",
         help="write frozen-encoder embeddings of a dataset to .npz",
