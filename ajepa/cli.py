@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
 
+    from ajepa.speech import add_command as add_speech_command  # speech
+
+    add_speech_command(sub)
+
     from ajepa.bench_cli import add_commands as add_bench_commands  # bench
 
     add_bench_commands(sub)

@@ -30,6 +30,7 @@ from ajepa.config import Config, check_world_size, save_config, to_dict
 from ajepa.data import build_dataset, make_loader
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
+from ajepa.model.health import CollapseWatch, health_stats
 
 CHECKPOINT_NAME = "checkpoint.pt"
 log = logging.getLogger("ajepa")
@@ -398,6 +399,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
     t_start = time.perf_counter()
     t_log, n_log = t_start, 0
     stopped_by = None
+    watch = CollapseWatch()
     step = start
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
     try:
@@ -484,6 +486,11 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                     )
                 worst.copy_(streak)
                 if is_log:
+                    with torch.no_grad(), amp:  # every rank: a collective under FSDP
+                        health = health_stats(model.target_encoder.forward_dense(batch.spec))
+                    warning = watch.check(done, health)
+                    if warning and info.is_main:
+                        log.warning("%s", warning)
                     now = time.perf_counter()
                     mean_loss = sums[0] / n_good if n_good > 0 else math.nan
                     sps = n_log * cfg.train.batch_size / (now - t_log)
@@ -493,9 +500,11 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
                             "step": done, "loss": mean_loss if n_good > 0 else None, "lr": lr, "wd": wd,
                             "momentum": tau, "samples_per_s": sps, "tf_masks": batch.masks.use_tf,
                             "skipped_steps": counters["skipped_steps"], "bad_samples": counters["bad_samples"],
-                            "bad_files": counters["bad_files"],
+                            "bad_files": counters["bad_files"], **health,
                         })
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", m=f"{tau:.4f}", sps=f"{sps:.1f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", rankme=f"{health['rankme']:.1f}",
+                                    std=f"{health['feat_std']:.2f}", pos=f"{health['pos_share']:.2f}",
+                                    lr=f"{lr:.2e}", m=f"{tau:.4f}", sps=f"{sps:.1f}")
                     loss_sum.zero_()
                     good.zero_()
                     t_log, n_log = now, 0
