@@ -114,7 +114,7 @@ def _probe_split(args, enc, featurize=None):
     progress = not args.no_progress
     if featurize is None:
         def featurize(dataset, desc):
-            return dataset_features(enc, dataset, args.batch_size, progress, desc=desc)
+            return dataset_features(enc, dataset, args.batch_size, progress, args.pooling, desc=desc)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     tg = targets_for(ds, args.data)
     x = featurize(ds, "embed train" if args.test_data else "embed")
@@ -269,7 +269,9 @@ def add_commands(sub) -> None:
     _add_encoder_args(p)
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
     p.add_argument(
-        "--pooling", choices=("mean", "none"), default="mean", help="mean (default) or none: [N, D] per clip"
+        "--pooling", choices=("mean", "mean_all", "none"), default="mean",
+        help="mean (default): over the patches holding the clip's own audio, not its zero-padding; "
+        "mean_all: over every patch (the old behaviour); none: [N, D] per clip"
     )
     p.set_defaults(func=cmd_embed)
 
@@ -290,6 +292,10 @@ def add_commands(sub) -> None:
         "--test-fraction", type=float, default=0.3, help="test share of --data without --test-data (default 0.3)"
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument(
+        "--pooling", choices=("mean", "mean_all"), default="mean",
+        help="mean (default): over the patches holding the clip's own audio; mean_all: over every patch (old)",
+    )
     p.add_argument(
         "--baseline",
         choices=("none", "mel"),
