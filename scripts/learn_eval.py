@@ -3,7 +3,8 @@
     python scripts/learn_eval.py --probe /work/data/speech/probe RUN_DIR [RUN_DIR ...] [--random 0 1 2] [--mel]
 
 For each encoder: linear-probe accuracy of mean-pooled target-encoder features (the probe of
-`ajepa probe`: stratified 70/30 split, split seed 0; also the mean over split seeds 0-2), and the
+`ajepa probe`: padding-aware mean, stratified 70/30 split, split seed 0; also the mean over split
+seeds 0-2, and acc_mean_all: the mean over every token, the old pooling), and the
 health statistics of its token features over the probe clips (RankMe, mean per-dimension std,
 pos_share). One JSON line per encoder goes to stdout and to --log.
 """
@@ -20,7 +21,7 @@ import torch
 
 from ajepa.config import DataConfig, get_preset
 from ajepa.data import build_dataset
-from ajepa.embed import load_encoder, random_encoder
+from ajepa.embed import audio_token_mask, load_encoder, random_encoder
 from ajepa.model.health import health_stats
 from ajepa.probe import linear_probe, stratified_split
 
@@ -38,8 +39,11 @@ def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
 def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
     with torch.no_grad():
         tokens = torch.cat([enc.vit.forward_dense(specs[i:i + 64]) for i in range(0, len(specs), 64)])
-    acc0, acc = probe_acc(tokens.mean(1), y)
-    return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4),
+    keep = audio_token_mask(specs, enc.cfg).float()
+    pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    acc0, acc = probe_acc(pooled, y)
+    acc_all = probe_acc(tokens.mean(1), y)[0]
+    return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
             **{k: round(v, 4) for k, v in health_stats(tokens, max_rows=1 << 30).items()}}
 
 
