@@ -55,6 +55,7 @@ class ModelConfig:
     signal_targets_only: bool = False  # leave constant patches (zero-padding, digital silence) out of the loss
     sigreg_weight: float = 0.0  # LeJEPA SIGReg on the context encoder's tokens; 0 disables
     sigreg_projections: int = 64  # random 1-D directions per SIGReg evaluation
+    sigreg_content: bool = False  # SIGReg on the tokens minus their per-position batch mean (the clip-varying part)
 
 
 @dataclass(frozen=True)

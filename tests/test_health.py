@@ -8,7 +8,7 @@ import torch
 from ajepa.config import ConfigError, apply_overrides, get_preset
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
-from ajepa.model.ajepa import normalize_targets, signal_patches
+from ajepa.model.ajepa import normalize_targets, position_centered, signal_patches
 from ajepa.model.health import CollapseWatch, feature_std, health_stats, position_share, rankme
 from ajepa.model.sigreg import epps_pulley, sigreg
 
@@ -89,8 +89,8 @@ def test_sigreg_gaussian_small_collapsed_large_and_differentiable():
     before.backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0
     with torch.no_grad():
-        after = sigreg(z - 0.5 * z.grad / z.grad.norm() , 16, generator=torch.Generator().manual_seed(0))
-    assert float(after) < float(before)  # a step against the gradient lowers the statistic
+        after = sigreg(z - 0.5 * z.grad / z.grad.norm(), 16, generator=torch.Generator().manual_seed(0))
+    assert float(after) < before.item()  # a step against the gradient lowers the statistic
 
 
 def test_normalize_targets_modes():
@@ -131,7 +131,8 @@ def test_recipe_options_change_the_loss_and_train():
     base = AJEPA(cfg0, impl="reference")
     ref = base(spec, masks)
     variants = [["model.target_norm=batch"], ["model.target_layers=2", "model.target_norm=instance"],
-                ["model.signal_targets_only=true"], ["model.sigreg_weight=1.0"]]
+                ["model.signal_targets_only=true"], ["model.sigreg_weight=1.0"],
+                ["model.sigreg_weight=1.0", "model.sigreg_content=true"]]
     for ov in variants:
         m = AJEPA(_tiny(*ov), impl="reference")
         m.load_state_dict(base.state_dict())
@@ -145,6 +146,22 @@ def test_recipe_config_validation():
     for bad, field in (("model.target_norm=foo", "model.target_norm"), ("model.target_layers=0", "model.target_layers"),
                        ("model.target_layers=9", "model.target_layers"), ("model.sigreg_weight=-1", "model.sigreg_weight"),
                        ("model.sigreg_weight=nan", "model.sigreg_weight"),
-                       ("model.sigreg_projections=0", "model.sigreg_projections")):
+                       ("model.sigreg_projections=0", "model.sigreg_projections"),
+                       ("model.sigreg_content=maybe", "model.sigreg_content")):
         with pytest.raises(ConfigError, match=field):
             apply_overrides(get_preset("tiny"), [bad])
+
+
+def test_position_centered_removes_the_shared_part():
+    N, D = 5, 3
+    pos_part = torch.arange(N * D, dtype=torch.float32).view(N, D) * 10
+    # Samples 0 and 1 see positions 0-3, sample 2 sees 1 and 4 (position 4: only one sample).
+    index = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 11, 14])
+    content = torch.randn(index.numel(), D)
+    z = position_centered(pos_part[index % N] + content, index, N)
+    assert z.shape == (9, D)  # the lone token at position 4 is dropped
+    keep = (index % N) != 4
+    pos = (index % N)[keep]
+    c = content[keep]
+    want = torch.stack([c[i] - c[pos == pos[i]].mean(0) for i in range(len(c))])
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-4)

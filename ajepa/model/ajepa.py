@@ -33,6 +33,19 @@ def normalize_targets(h: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Ten
     return (h - mean) * torch.rsqrt(var + eps)
 
 
+def position_centered(tokens: torch.Tensor, index: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Packed tokens [T, D] at flat indices `index` (sample * N + position), minus the mean of the
+    batch's tokens at the same position: the part that varies with the clip. Tokens whose position
+    no other sample of the batch shares are dropped (their centered value would be exactly 0)."""
+    pos = index % num_patches
+    counts = torch.bincount(pos, minlength=num_patches)
+    sums = torch.zeros(num_patches, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
+    sums = sums.index_add(0, pos, tokens)
+    mean = sums / counts.clamp_min(1).to(tokens.dtype)[:, None]
+    keep = counts[pos] >= 2
+    return (tokens - mean[pos])[keep]
+
+
 def signal_patches(spec: torch.Tensor, patch: int) -> torch.Tensor:
     """bool [B, N]: patches of spec [B, 1, frames, mel] that are not one constant value
     (zero-padding past a clip's end and digital silence give constant log-mel patches)."""
@@ -54,6 +67,7 @@ class AJEPA(nn.Module):
         self.target_layers, self.target_norm = m.target_layers, m.target_norm
         self.signal_targets_only = m.signal_targets_only
         self.sigreg_weight, self.sigreg_projections = m.sigreg_weight, m.sigreg_projections
+        self.sigreg_content = m.sigreg_content
         self.encoder = ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -96,7 +110,8 @@ class AJEPA(nn.Module):
         else:
             loss = err.mean()
         if self.sigreg_weight > 0:
-            loss = loss + self.sigreg_weight * sigreg(ctx, self.sigreg_projections)
+            z = position_centered(ctx, masks.ctx_index, masks.num_patches) if self.sigreg_content else ctx
+            loss = loss + self.sigreg_weight * sigreg(z, self.sigreg_projections)
         return loss
 
     @torch.no_grad()
