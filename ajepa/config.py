@@ -22,6 +22,7 @@ from kernels import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM
 
 MASK_MODES = ("curriculum", "multiblock", "tf")
 LOSSES = ("l2", "smooth_l1")
+TARGET_NORMS = ("layer", "instance", "batch")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -108,6 +109,12 @@ class ModelConfig:
     pred_depth: int = 16
     pred_heads: int = 16
     loss: str = "l2"  # "l2" (the paper) | "smooth_l1" (I-JEPA's code)
+    target_layers: int = 1  # average of the top K target-encoder blocks (data2vec 2.0 / EAT); 1 = the last
+    target_norm: str = "layer"  # per-layer target normalization: "layer" (I-JEPA) | "instance" | "batch"
+    signal_targets_only: bool = False  # leave constant patches (zero-padding, digital silence) out of the loss
+    sigreg_weight: float = 0.0  # LeJEPA SIGReg on the context encoder's tokens; 0 disables
+    sigreg_projections: int = 64  # random 1-D directions per SIGReg evaluation
+    sigreg_content: bool = False  # SIGReg on the tokens minus their per-position batch mean (the clip-varying part)
 
 
 @dataclass(frozen=True)
@@ -426,6 +433,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.depth and model.pred_depth must be >= 1")
     if m.loss not in LOSSES:
         raise ConfigError(f"model.loss={_short(m.loss)}; choose one of {LOSSES}")
+    if m.target_norm not in TARGET_NORMS:
+        raise ConfigError(f"model.target_norm={_short(m.target_norm)}; choose one of {TARGET_NORMS}")
+    if not 1 <= m.target_layers <= m.depth:
+        raise ConfigError(f"model.target_layers={m.target_layers} must be in 1..model.depth ({m.depth})")
+    if not (math.isfinite(m.sigreg_weight) and m.sigreg_weight >= 0):
+        raise ConfigError(f"model.sigreg_weight={m.sigreg_weight} must be finite and >= 0")
+    if m.sigreg_projections < 1:
+        raise ConfigError(f"model.sigreg_projections={m.sigreg_projections} must be >= 1")
     if k.mode not in MASK_MODES:
         raise ConfigError(f"masks.mode={_short(k.mode)}; choose one of {MASK_MODES}")
     _check_range("masks.context_scale", k.context_scale, 0.0, 1.0)

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ajepa.audio import file_to_spec, waveform_to_spec
+from ajepa.audio import file_to_spec, normalize, waveform_to_spec
 from ajepa.checkpoint import FORMAT_VERSION, load_checkpoint
 from ajepa.config import Config, from_dict, get_preset, to_dict
 from ajepa.model.vit import ViTEncoder
 
 WHICH = ("target", "context")
-POOLINGS = ("mean", "none")
+POOLINGS = ("mean", "mean_all", "none")
 SAFETENSORS_KIND = "ajepa-encoder"
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -72,6 +72,24 @@ def _encoder_weights(model_state: dict, which: str, path) -> dict:
     return weights
 
 
+def audio_token_mask(spec: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """bool [B, N]: the tokens whose time row holds at least one frame of the clip's own audio.
+
+    spec [B, 1, frames, mel] is normalized; the frontend zero-pads a short clip's log-mel at its end,
+    so its padding frames equal normalize(0) in every mel bin. The trailing run of such frames is
+    padding; a clip that is all padding keeps every token."""
+    pad = normalize(torch.zeros((), dtype=spec.dtype), cfg.audio).to(spec.device)
+    frames = spec.shape[-2]
+    is_pad = (spec.reshape(spec.shape[0], frames, -1) == pad).all(dim=-1)  # [B, frames]
+    trailing = is_pad.flip(1).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
+    real = frames - trailing
+    p = cfg.model.patch_size
+    rows = torch.where(real > 0, (real + p - 1) // p, torch.full_like(real, frames // p))  # [B]
+    gt, gf = cfg.grid
+    keep_row = torch.arange(gt, device=spec.device)[None, :] < rows[:, None]  # [B, Gt]
+    return keep_row[:, :, None].expand(-1, gt, gf).reshape(spec.shape[0], gt * gf)
+
+
 class Encoder(nn.Module):
     """A frozen ViT encoder plus the audio frontend it was trained with."""
 
@@ -102,7 +120,11 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed_spec(self, spec: torch.Tensor, pooling: str = "mean", amp: bool = True) -> torch.Tensor:
-        """Normalized spectrograms [B, 1, frames, mel] or [B, frames, mel] -> float32 features."""
+        """Normalized spectrograms [B, 1, frames, mel] or [B, frames, mel] -> float32 features.
+
+        pooling "mean": the mean over the tokens that hold the clip's own audio (not the zero-padding
+        past a short clip's end; see audio_token_mask); "mean_all": the mean over every token (the
+        behaviour before padding-aware pooling); "none": the token map [B, N, D]."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r}; choose one of {POOLINGS}")
         if spec.dim() == 3:
@@ -118,11 +140,17 @@ class Encoder(nn.Module):
         finally:
             self.train(was_training)
         tokens = tokens.float()
-        return tokens.mean(dim=1) if pooling == "mean" else tokens
+        if pooling == "mean_all":
+            return tokens.mean(dim=1)
+        if pooling == "mean":
+            keep = audio_token_mask(spec.to(tokens.device, torch.float32), self.cfg).to(tokens.dtype)  # [B, N]
+            return (tokens * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+        return tokens
 
     @torch.no_grad()
     def embed(self, waveform, sample_rate: int, pooling: str = "mean", amp: bool = True) -> torch.Tensor:
-        """Audio [S] or [B, S] at any sample rate -> [B, D] (pooling="mean") or [B, N, D] ("none").
+        """Audio [S] or [B, S] at any sample rate -> [B, D] (pooling="mean": over the clip's own audio,
+        "mean_all": over every token) or [B, N, D] ("none").
 
         Each clip is resampled, turned into a log-mel spectrogram, then cropped from its start or
         zero-padded to the encoder's input length (cfg.audio.target_frames)."""
@@ -179,7 +207,7 @@ class Encoder(nn.Module):
                 out.append(self.embed_spec(torch.stack(chunk), pooling, amp).cpu())
                 bar.update(len(chunk))
         if not out:
-            shape = (0, self.dim) if pooling == "mean" else (0, self.cfg.num_patches, self.dim)
+            shape = (0, self.cfg.num_patches, self.dim) if pooling == "none" else (0, self.dim)
             return torch.zeros(shape)
         return torch.cat(out)
 

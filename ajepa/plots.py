@@ -14,6 +14,9 @@ CURVES = (
     ("lr", "learning rate", True),
     ("momentum", "EMA momentum", False),
     ("samples_per_s", "samples / s", False),
+    ("rankme", "RankMe of target features (effective rank)", False),
+    ("feat_std", "target features: mean per-dimension std", False),
+    ("pos_share", "target-feature variance share that is patch position", False),
 )
 
 
@@ -139,12 +142,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Loss, learning rate, EMA momentum and samples/s against step, from RUN_DIR/metrics.jsonl."""
+    """Loss, learning rate, EMA momentum, samples/s and the health statistics (RankMe, feature std,
+    position share) against step, from RUN_DIR/metrics.jsonl."""
     out = Path(run_dir) / "training.png" if out is None else out
     _check_png(out)
     rows = read_metrics(run_dir)
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    rows_n = (len(CURVES) + 1) // 2
+    fig, axes = plt.subplots(rows_n, 2, figsize=(10, 3.2 * rows_n))
+    for ax in axes.flat[len(CURVES):]:
+        ax.set_visible(False)
     for ax, (key, label, log) in zip(axes.flat, CURVES):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
         if pts:

@@ -95,6 +95,17 @@ def targets_for(dataset, data_path: str | None) -> Targets:
     return Targets(np.asarray(dataset.labels, dtype=np.int64), tuple(dataset.classes), False)
 
 
+def logmel_features(dataset, audio) -> torch.Tensor:
+    """The no-network baseline: per clip, the mean and the std over time of its log-mel spectrogram
+    ([2 * num_mel_bins]), over the clip's own frames (no padding), within the window an encoder sees
+    (the first audio.target_frames frames)."""
+    feats = []
+    for i in range(len(dataset)):
+        fb = dataset.raw_fbank(i)[: audio.target_frames].double()
+        feats.append(torch.cat([fb.mean(0), fb.std(0, unbiased=False)]))
+    return torch.stack(feats).float()
+
+
 # ---------------------------------------------------------------------------- the model
 
 

@@ -35,6 +35,7 @@ from ajepa.distributed import (
 )
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
+from ajepa.model.health import CollapseWatch, health_stats
 from ajepa.runfolder import CheckpointWriteError, MetricsLog, RunLock, StopSignals
 from ajepa.step import DeviceCounters, StepStats, TrainStep, weights_finite
 
@@ -171,6 +172,7 @@ class Trainer:
         self.t_start = self.t_log = time.perf_counter()
         self.n_log, self.stopped_by, step = 0, None, self.start
         self.data_wait, self.warned_input_bound = 0.0, False
+        self.watch = CollapseWatch()
         bar = tqdm(total=self.end, initial=self.start, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
         try:
@@ -241,7 +243,12 @@ class Trainer:
                 f"the weights hold NaN or Inf at step {done}; not saving them. Last good checkpoint: "
                 f"{self._last_good()}")
         if is_log:
-            self._log(done, sums[0], batch, stats, bar)
+            with torch.no_grad(), self.step_fn.amp():  # every rank: a collective under FSDP
+                health = health_stats(self.model.target_encoder.forward_dense(batch.spec))
+            warning = self.watch.check(done, health)
+            if warning and self.info.is_main:
+                log.warning("%s", warning)
+            self._log(done, sums[0], batch, stats, bar, health)
         c.next_window(logged=is_log)
         if flags[1]:
             self.stopped_by = signals.received or "a signal on another rank"
@@ -256,7 +263,7 @@ class Trainer:
         path, step = self.last_good
         return f"{path} (step {step})" if path else "none was written yet"
 
-    def _log(self, done: int, loss_sum: float, batch: Batch, stats: StepStats, bar) -> None:
+    def _log(self, done: int, loss_sum: float, batch: Batch, stats: StepStats, bar, health: dict) -> None:
         now = time.perf_counter()
         n_good = float(self.device_counters.good)
         mean_loss = loss_sum / n_good if n_good > 0 else math.nan
@@ -269,10 +276,11 @@ class Trainer:
                 "step": done, "loss": mean_loss if n_good > 0 else None, "lr": stats.lr, "wd": stats.wd,
                 "momentum": stats.tau, "samples_per_s": sps, "tf_masks": batch.masks.use_tf,
                 "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "bad_files": c["bad_files"],
-                "data_wait": wait,
+                "data_wait": wait, **health,
             })
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{stats.lr:.2e}", m=f"{stats.tau:.4f}", sps=f"{sps:.1f}",
-                        wait=f"{wait:.0%}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", rankme=f"{health['rankme']:.1f}", std=f"{health['feat_std']:.2f}",
+                        pos=f"{health['pos_share']:.2f}", lr=f"{stats.lr:.2e}", m=f"{stats.tau:.4f}",
+                        sps=f"{sps:.1f}", wait=f"{wait:.0%}")
         if wait > INPUT_BOUND and done > self.cfg.train.log_every and not self.warned_input_bound and self.info.is_main:
             self.warned_input_bound = True
             log.warning("input-bound: the step waited for data %.0f%% of the time up to step %d; more loader workers "

@@ -41,7 +41,10 @@ def test_embed_shapes_determinism_and_frozen(ckpt):
     assert torch.equal(enc.embed(waves, 22050), batch)
     tokens = enc.embed(waves, 22050, pooling="none")
     assert tokens.shape == (3, enc.cfg.num_patches, enc.dim)
-    torch.testing.assert_close(tokens.mean(1), batch)
+    torch.testing.assert_close(tokens.mean(1), enc.embed(waves, 22050, pooling="mean_all"))
+    # 1.3 s clips in the window: the default mean leaves out the padding rows past their end.
+    rows = -(-(1 + (int(1.3 * 16000) - 400) // 160) // enc.cfg.model.patch_size) * enc.cfg.grid[1]
+    torch.testing.assert_close(tokens[:, :rows].mean(1), batch)
     assert not torch.allclose(batch[0], batch[1])
     with pytest.raises(ValueError, match="pooling"):
         enc.embed(waves, 22050, pooling="max")
@@ -222,3 +225,35 @@ def test_probe_with_given_test_set_maps_labels_by_name(ckpt, tmp_path, capsys):
     sf.write(str(test_dir / "unknown_kind" / "x.wav"), _wave(sr=16000), 16000)
     assert main([*args, "--test-data", str(test_dir)]) == 2
     assert "unknown_kind" in capsys.readouterr().err
+
+
+def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour():
+    from ajepa.config import get_preset
+    from ajepa.embed import audio_token_mask, random_encoder
+
+    cfg = get_preset("tiny")
+    enc = random_encoder(cfg, seed=0)
+    sr = cfg.audio.sample_rate
+    g = torch.Generator().manual_seed(0)
+    short = 0.3 * torch.randn(int(0.7 * sr), generator=g)  # 0.7 s of a 2.56 s window: 70 frames of 256
+    full = 0.3 * torch.randn(3 * sr, generator=g)
+    from ajepa.audio import waveform_to_spec
+
+    spec = torch.stack([waveform_to_spec(short, sr, cfg.audio), waveform_to_spec(full, sr, cfg.audio)]).unsqueeze(1)
+    keep = audio_token_mask(spec, cfg)
+    gt, gf = cfg.grid
+    rows = keep.view(2, gt, gf)
+    real = 1 + (int(0.7 * sr) - 400) // 160  # kaldi frames of the short clip
+    assert rows[0, :, 0].sum() == -(-real // cfg.model.patch_size) and rows[1].all()
+    assert (rows == rows[:, :, :1]).all()  # whole time rows
+    tokens = enc.embed_spec(spec, pooling="none")
+    mean, mean_all = enc.embed_spec(spec, pooling="mean"), enc.embed_spec(spec, pooling="mean_all")
+    n = int(keep[0].sum())
+    assert torch.allclose(mean[0], tokens[0, :n].mean(0), atol=1e-6)
+    assert torch.allclose(mean_all, tokens.mean(1), atol=1e-6)
+    assert torch.allclose(mean[1], mean_all[1], atol=1e-6)  # a clip that fills the window: no change
+    assert not torch.allclose(mean[0], mean_all[0], atol=1e-3)
+    # embed() on waveforms pools the same way; an all-padding spectrogram keeps every token.
+    assert torch.allclose(enc.embed(short, sr), mean[:1], atol=1e-5)
+    pad = torch.full_like(spec[:1], float(spec[0, 0, -1, 0]))
+    assert audio_token_mask(pad, cfg).all()

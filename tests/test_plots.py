@@ -26,6 +26,9 @@ def _write_metrics(run, steps=30):
             "wd": 0.04,
             "momentum": 0.996 + s * 1e-4,
             "samples_per_s": 20.0 + (s % 3),
+            "rankme": 30.0 - s / 2,
+            "feat_std": 0.5 / s,
+            "pos_share": 0.7 + s / 200,
         }
         for s in range(1, steps + 1)
     ]
@@ -50,7 +53,7 @@ def test_masks_cli_and_bad_suffix(tmp_path, capsys):
     assert err.count("\n") == 0 and "m.jpg" in err and ".png" in err
 
 
-def test_plot_run_draws_the_four_curves(tmp_path):
+def test_plot_run_draws_every_curve(tmp_path):
     run = tmp_path / "run"
     _write_metrics(run)
     out = plot_run(run)
@@ -58,8 +61,10 @@ def test_plot_run_draws_the_four_curves(tmp_path):
     img = _image(out)
     blue = np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1  # matplotlib's C0 line color
     h, w = blue.shape
-    quadrants = [blue[: h // 2, : w // 2], blue[: h // 2, w // 2 :], blue[h // 2 :, : w // 2], blue[h // 2 :, w // 2 :]]
-    assert all(q.sum() > 200 for q in quadrants)
+    rows = 4  # seven curves, two per row
+    panels = [blue[r * h // rows : (r + 1) * h // rows, c * w // 2 : (c + 1) * w // 2] for r in range(rows) for c in (0, 1)]
+    assert all(p.sum() > 200 for p in panels[:7])
+    assert panels[7].sum() == 0  # the eighth slot stays empty
 
 
 def test_plot_cli_tolerates_a_half_written_last_line(tmp_path):

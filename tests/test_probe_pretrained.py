@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ajepa.cli import main
 from ajepa.data import SyntheticDataset
@@ -61,3 +62,55 @@ def test_probe_cli_reports_both(tmp_path, capsys):
     assert 0.0 <= p["metrics"]["accuracy"] <= 1.0 and set(p["val_scores"]) == {
         str(v) for v in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     }
+
+
+def test_probe_baseline_mel_puts_three_side_by_side(tmp_path, capsys):
+    from ajepa.embed import load_encoder
+    from ajepa.probe import logmel_features, stratified_split
+
+    report = tmp_path / "b.json"
+    assert main(["probe", "--checkpoint", str(FIXTURE), "--report", str(report), "--baseline", "mel",
+                 "--clips", "70", "--no-progress", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "this encoder" in line and "random init (seed 0)" in line and "log-mel mean+std" in line
+    rep = json.loads(report.read_text())
+    rnd, mel = rep["baselines"]["random_init"], rep["baselines"]["mel"]
+    # Same splits for all three; the log-mel baseline is 2 x 128 mel bins wide.
+    assert rep["n_test"] == rnd["n_test"] == mel["n_test"] == 21 and mel["n_train"] == 49
+    assert mel["feature_dim"] == 256 and rnd["feature_dim"] == rep["feature_dim"] == 48
+    for r in (rep, rnd, mel):
+        assert f"{r['metrics']['accuracy']:.3f}" in line
+    # The figure is the probe of exactly those features on that split.
+    enc = load_encoder(FIXTURE)
+    from ajepa.config import DataConfig
+    from ajepa.data import build_dataset
+
+    ds = build_dataset(DataConfig(synth_clips=70, random_crop=False), enc.cfg.audio, seed=1)
+    x, y = logmel_features(ds, enc.cfg.audio), np.asarray(ds.labels)
+    tr, te = stratified_split(y, 0.3, 0)
+    assert linear_probe(x[tr], y[tr], x[te], y[te], seed=0).metrics["accuracy"] == mel["metrics"]["accuracy"]
+
+
+def test_logmel_features_use_only_the_clips_own_frames():
+    from ajepa.config import get_preset
+    from ajepa.probe import logmel_features
+
+    audio = get_preset("tiny").audio
+
+    class Clips:
+        def __init__(self, fbanks):
+            self.fbanks = fbanks
+
+        def __len__(self):
+            return len(self.fbanks)
+
+        def raw_fbank(self, i):
+            return self.fbanks[i]
+
+    g = torch.Generator().manual_seed(0)
+    short = torch.randn(40, 128, generator=g)
+    long = torch.randn(audio.target_frames + 100, 128, generator=g)
+    x = logmel_features(Clips([short, long]), audio)
+    assert x.shape == (2, 256)
+    assert torch.allclose(x[0, :128], short.mean(0)) and torch.allclose(x[0, 128:], short.std(0, unbiased=False))
+    assert torch.allclose(x[1, :128], long[: audio.target_frames].mean(0))

@@ -106,16 +106,21 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def _probe_split(args, enc):
-    """(x_train, y_train, x_test, y_test, targets) from --data (stratified split) or --data + --test-data."""
+def _probe_split(args, enc, featurize=None):
+    """(x_train, y_train, x_test, y_test, targets) from --data (stratified split) or --data + --test-data.
+
+    `featurize(dataset, desc)` gives the features (default: `enc`'s embeddings)."""
     from ajepa.embed import dataset_features
     from ajepa.probe import Targets, random_split, require_two_classes, stratified_split, targets_for
 
     progress = not args.no_progress
+    if featurize is None:
+        def featurize(dataset, desc):
+            return dataset_features(enc, dataset, args.batch_size, progress, args.pooling, desc=desc)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     tg = targets_for(ds, args.data)
     require_two_classes(tg.y, tg.multilabel, tg.classes, f"--data {args.data or 'built-in corpus'}")
-    x = dataset_features(enc, ds, args.batch_size, progress, desc="embed train" if args.test_data else "embed")
+    x = featurize(ds, "embed train" if args.test_data else "embed")
     keep = np.flatnonzero(tg.labelled())
     if keep.size == 0:
         raise ValueError(f"--data {args.data}: no labels (use class subfolders or a 'label' column)")
@@ -142,13 +147,13 @@ def _probe_split(args, enc):
         else:
             y = np.array([lookup[tt.classes[v]] if v >= 0 else -1 for v in tt.y])
         tt = Targets(y, tg.classes, tg.multilabel)
-    xt = dataset_features(enc, test, args.batch_size, progress, desc="embed test")
+    xt = featurize(test, "embed test")
     kt = np.flatnonzero(tt.labelled())
     return x[keep], tg.y[keep], xt[kt], tt.y[kt], tg
 
 
 def cmd_probe(args) -> int:
-    from ajepa.probe import linear_probe
+    from ajepa.probe import linear_probe, logmel_features
 
     enc = _encoder(args)
     x_tr, y_tr, x_te, y_te, tg = _probe_split(args, enc)
@@ -159,6 +164,22 @@ def cmd_probe(args) -> int:
         "test_data": args.test_data,
         **res.to_dict(),
     }
+    side = [("this encoder", res)]
+    if args.baseline == "mel":
+        # Same splits, same probe: an untrained encoder of the same shape, and no network at all.
+        baselines = {}
+        if not args.random_init:
+            from ajepa.embed import random_encoder
+
+            rnd = random_encoder(enc.cfg, args.init_seed, enc.device)
+            r = linear_probe(*_probe_split(args, rnd)[:4], tg.classes, tg.multilabel, seed=args.seed)
+            baselines["random_init"] = {"source": f"random-init (seed {args.init_seed})", **r.to_dict()}
+            side.append((f"random init (seed {args.init_seed})", r))
+        m = linear_probe(*_probe_split(args, enc, lambda ds, desc: logmel_features(ds, enc.cfg.audio))[:4],
+                         tg.classes, tg.multilabel, seed=args.seed)
+        baselines["mel"] = {"source": "log-mel mean+std over time (no network)", **m.to_dict()}
+        side.append(("log-mel mean+std", m))
+        report["baselines"] = baselines
     out = args.report
     if out is None:
         name = "probe_random_init.json" if args.random_init else "probe.json"
@@ -166,6 +187,9 @@ def cmd_probe(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     metric = ", ".join(f"{k} {v:.3f}" for k, v in res.metrics.items())
+    if len(side) > 1:
+        key = next(iter(res.metrics))
+        metric = f"{key} " + " | ".join(f"{name} {r.metrics[key]:.3f}" for name, r in side)
     print(
         f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips "
         f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); report {out}"
@@ -234,7 +258,9 @@ def add_commands(sub) -> None:
     _add_encoder_args(p)
     p.add_argument("--out", type=Path, required=True, help="output .npz file")
     p.add_argument(
-        "--pooling", choices=("mean", "none"), default="mean", help="mean (default) or none: [N, D] per clip"
+        "--pooling", choices=("mean", "mean_all", "none"), default="mean",
+        help="mean (default): over the patches holding the clip's own audio, not its zero-padding; "
+        "mean_all: over every patch (the old behaviour); none: [N, D] per clip"
     )
     p.set_defaults(func=cmd_embed)
 
@@ -255,6 +281,17 @@ def add_commands(sub) -> None:
         "--test-fraction", type=float, default=0.3, help="test share of --data without --test-data (default 0.3)"
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument(
+        "--pooling", choices=("mean", "mean_all"), default="mean",
+        help="mean (default): over the patches holding the clip's own audio; mean_all: over every patch (old)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("none", "mel"),
+        default="none",
+        help="mel: also probe, on the same splits, an untrained encoder of the same shape (seed --init-seed) "
+        "and the mean+std over time of the log-mel spectrogram (no network); all side by side in the report",
+    )
     p.add_argument(
         "--report",
         type=Path,

@@ -1,4 +1,4 @@
-"""`ajepa train | synth | stats`: pretraining and its data."""
+"""`ajepa train | synth | speech | stats`: pretraining and its data."""
 
 from __future__ import annotations
 
@@ -126,6 +126,16 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_speech(args) -> int:
+    from ajepa.speech import build
+
+    clips = build(args.out, args.seed, args.pretrain_clips, args.per_word, args.jobs, not args.no_progress)
+    n_probe = sum(c.label is not None for c in clips)
+    print(f"wrote {len(clips) - n_probe} pretraining clips to {args.out / 'pretrain'} and {n_probe} probe clips "
+          f"to {args.out / 'probe'}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from ajepa.stats import dataset_stats
 
@@ -140,7 +150,7 @@ def cmd_stats(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """Register train, synth and stats."""
+    """Register train, synth, speech and stats."""
 
     p = sub.add_parser("train", help="pretrain an A-JEPA encoder",
                        description="Pretrain an A-JEPA encoder. Writes config.yaml, metrics.jsonl and checkpoints to "
@@ -178,6 +188,17 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     add_progress_flag(p)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("speech", help="synthesize a spoken-word benchmark with espeak-ng + sox",
+                       description="Write OUT/pretrain/*.wav (unlabelled phrases) and OUT/probe/<word>/*.wav "
+                                   "(labelled words; other words and other voices than pretraining).")
+    p.add_argument("--out", type=Path, required=True, help="benchmark folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of texts, voices, speeds and pitches (default 0)")
+    p.add_argument("--pretrain-clips", type=int, default=1200, help="unlabelled phrases (default 1200)")
+    p.add_argument("--per-word", type=int, default=42, help="probe clips per word, 10 words (default 42)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes (default 2)")
+    add_progress_flag(p)
+    p.set_defaults(func=cmd_speech)
 
     p = sub.add_parser("stats", help="compute a dataset's fbank mean and std for audio.norm_mean/norm_std")
     _add_config_args(p)

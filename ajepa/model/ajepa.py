@@ -12,7 +12,47 @@ import kernels
 from ajepa.config import Config
 from ajepa.masks import PackedMasks
 from ajepa.model.predictor import Predictor
+from ajepa.model.sigreg import sigreg
 from ajepa.model.vit import ViTEncoder
+
+
+def normalize_targets(h: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
+    """One layer's target features h [B, N, D], normalized as model.target_norm says:
+    "layer": over the D channels of each token (I-JEPA's F.layer_norm);
+    "instance": each channel over the N tokens of its clip (data2vec's instance norm);
+    "batch": each (position, channel) over the B clips of the batch: removes the part of the
+    target that is the same for every clip at a position (what a predictor can guess from the
+    position alone)."""
+    if how == "layer":
+        return F.layer_norm(h, h.shape[-1:], eps=eps)
+    dim = 1 if how == "instance" else 0
+    if how not in ("instance", "batch"):
+        raise ValueError(f"target norm {how!r}; choose layer, instance or batch")
+    mean = h.mean(dim=dim, keepdim=True)
+    var = h.var(dim=dim, keepdim=True, unbiased=False)
+    return (h - mean) * torch.rsqrt(var + eps)
+
+
+def position_centered(tokens: torch.Tensor, index: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Packed tokens [T, D] at flat indices `index` (sample * N + position), minus the mean of the
+    batch's tokens at the same position: the part that varies with the clip. Tokens whose position
+    no other sample of the batch shares are dropped (their centered value would be exactly 0)."""
+    pos = index % num_patches
+    counts = torch.bincount(pos, minlength=num_patches)
+    sums = torch.zeros(num_patches, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
+    sums = sums.index_add(0, pos, tokens)
+    mean = sums / counts.clamp_min(1).to(tokens.dtype)[:, None]
+    keep = counts[pos] >= 2
+    return (tokens - mean[pos])[keep]
+
+
+def signal_patches(spec: torch.Tensor, patch: int) -> torch.Tensor:
+    """bool [B, N]: patches of spec [B, 1, frames, mel] that are not one constant value
+    (zero-padding past a clip's end and digital silence give constant log-mel patches)."""
+    B = spec.shape[0]
+    p = spec.reshape(B, spec.shape[-2] // patch, patch, spec.shape[-1] // patch, patch)
+    span = p.amax(dim=(2, 4)) - p.amin(dim=(2, 4))  # [B, Gt, Gf]
+    return (span > 0).reshape(B, -1)
 
 
 class AJEPA(nn.Module):
@@ -23,6 +63,11 @@ class AJEPA(nn.Module):
         m = cfg.model
         self.impl = impl
         self.loss_type = m.loss
+        self.patch_size = m.patch_size
+        self.target_layers, self.target_norm = m.target_layers, m.target_norm
+        self.signal_targets_only = m.signal_targets_only
+        self.sigreg_weight, self.sigreg_projections = m.sigreg_weight, m.sigreg_projections
+        self.sigreg_content = m.sigreg_content
         self.encoder = ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -34,21 +79,40 @@ class AJEPA(nn.Module):
 
     @torch.no_grad()
     def targets(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
-        """Layer-normed target-encoder latents at the target tokens: [T_tgt, D]."""
-        h = self.target_encoder.forward_dense(spec)  # [B, N, D]
+        """Target-encoder latents at the target tokens: [T_tgt, D]. The default (model.target_layers=1,
+        target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm."""
+        if self.target_layers == 1 and self.target_norm == "layer":
+            h = self.target_encoder.forward_dense(spec)  # [B, N, D]
+            return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
+        layers = self.target_encoder.forward_layers(spec, self.target_layers)
+        h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
         return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
 
-    def predict(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
+    def predict(self, spec: torch.Tensor, masks: PackedMasks, return_context: bool = False):
         ctx = self.encoder.forward_packed(spec, masks.ctx_index, masks.cu_ctx, masks.max_ctx, self.impl)
-        return self.predictor(ctx, masks, self.impl)
+        pred = self.predictor(ctx, masks, self.impl)
+        return (pred, ctx) if return_context else pred
 
     def forward(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
-        """spec [B, 1, frames, mel] -> scalar loss, averaged over target tokens and channels."""
-        pred = self.predict(spec, masks).float()
+        """spec [B, 1, frames, mel] -> scalar loss, averaged over target tokens and channels
+        (with model.signal_targets_only, over the target tokens whose patch holds signal), plus
+        model.sigreg_weight x SIGReg of the context encoder's output tokens."""
+        pred, ctx = self.predict(spec, masks, return_context=True)
+        pred = pred.float()
         tgt = self.targets(spec, masks).float()
         if self.loss_type == "smooth_l1":
-            return F.smooth_l1_loss(pred, tgt)
-        return F.mse_loss(pred, tgt)
+            err = F.smooth_l1_loss(pred, tgt, reduction="none")
+        else:
+            err = F.mse_loss(pred, tgt, reduction="none")
+        if self.signal_targets_only:
+            keep = signal_patches(spec, self.patch_size).reshape(-1)[masks.tgt_index].to(err.dtype)  # [T_tgt]
+            loss = (err.mean(dim=1) * keep).sum() / keep.sum().clamp_min(1.0)
+        else:
+            loss = err.mean()
+        if self.sigreg_weight > 0:
+            z = position_centered(ctx, masks.ctx_index, masks.num_patches) if self.sigreg_content else ctx
+            loss = loss + self.sigreg_weight * sigreg(z, self.sigreg_projections)
+        return loss
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:

@@ -128,6 +128,18 @@ class ViTEncoder(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def forward_layers(self, spec: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """The outputs of the last `k` blocks [B, N, D] each, oldest first; the last one after the final norm."""
+        x = self.patch_embed(spec)
+        x = x + self.pos_embed.to(x.dtype)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - k:
+                outs.append(x)
+        outs[-1] = self.norm(outs[-1])
+        return outs
+
     def forward_packed(self, spec, index, cu_seqlens, max_seqlen: int, impl: str = "auto") -> torch.Tensor:
         """spec [B, 1, frames, mel] -> the visible tokens only, packed [T, D] (flat indices `index`)."""
         x = self.patch_embed(spec)  # [B, N, D]

@@ -1,0 +1,91 @@
+"""Score pretraining runs on a labelled probe set, for the ablation in docs/learning.md.
+
+    python scripts/learn_eval.py --probe /work/data/speech/probe RUN_DIR [RUN_DIR ...] [--random 0 1 2] [--mel]
+
+For each encoder: linear-probe accuracy of mean-pooled target-encoder features (the probe of
+`ajepa probe`: padding-aware mean, stratified 70/30 split, split seed 0; also the mean over split
+seeds 0-2, and acc_mean_all: the mean over every token, the old pooling), and the
+health statistics of its token features over the probe clips (RankMe, mean per-dimension std,
+pos_share). One JSON line per encoder goes to stdout and to --log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ajepa.config import DataConfig, get_preset
+from ajepa.data import build_dataset
+from ajepa.embed import audio_token_mask, load_encoder, random_encoder
+from ajepa.model.health import health_stats
+from ajepa.probe import linear_probe, stratified_split
+
+SPLIT_SEEDS = (0, 1, 2)
+
+
+def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+    accs = []
+    for s in SPLIT_SEEDS:
+        tr, te = stratified_split(y, 0.3, s)
+        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s).metrics["accuracy"])
+    return accs[0], float(np.mean(accs))
+
+
+def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
+    with torch.no_grad():
+        tokens = torch.cat([enc.vit.forward_dense(specs[i:i + 64]) for i in range(0, len(specs), 64)])
+    keep = audio_token_mask(specs, enc.cfg).float()
+    pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    acc0, acc = probe_acc(pooled, y)
+    acc_all = probe_acc(tokens.mean(1), y)[0]
+    return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
+            **{k: round(v, 4) for k, v in health_stats(tokens, max_rows=1 << 30).items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="*", type=Path)
+    p.add_argument("--probe", required=True)
+    p.add_argument("--random", type=int, nargs="*", default=[])
+    p.add_argument("--mel", action="store_true")
+    p.add_argument("--which", default="target")
+    p.add_argument("--log", type=Path, default=Path("/work/runs/results.jsonl"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    cfg = get_preset("tiny")
+    ds = build_dataset(DataConfig(path=args.probe, random_crop=False), cfg.audio)
+    y = np.asarray(ds.labels)
+    specs = torch.stack([ds.spectrogram(i) for i in range(len(ds))])
+    rows = []
+    if args.mel:
+        feats = []
+        for i in range(len(ds)):
+            fb = ds.raw_fbank(i)
+            feats.append(torch.cat([fb.mean(0), fb.std(0)]))
+        acc0, acc = probe_acc(torch.stack(feats), y)
+        rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4)})
+    for seed in args.random:
+        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, f"random init seed {seed}"))
+    for run in args.runs:
+        enc = load_encoder(run / "checkpoint.pt", args.which)
+        if enc.cfg.audio != cfg.audio:
+            specs_r = torch.stack([build_dataset(DataConfig(path=args.probe, random_crop=False), enc.cfg.audio)
+                                   .spectrogram(i) for i in range(len(ds))])
+        else:
+            specs_r = specs
+        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})"))
+    with args.log.open("a") as fh:
+        for r in rows:
+            line = json.dumps(r)
+            print(line)
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

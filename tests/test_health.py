@@ -1,0 +1,167 @@
+"""Health statistics, SIGReg and the learning-recipe options of the model."""
+
+import math
+
+import pytest
+import torch
+
+from ajepa.config import ConfigError, apply_overrides, get_preset
+from ajepa.masks import MaskSampler
+from ajepa.model import AJEPA
+from ajepa.model.ajepa import normalize_targets, position_centered, signal_patches
+from ajepa.model.health import CollapseWatch, feature_std, health_stats, position_share, rankme
+from ajepa.model.sigreg import epps_pulley, sigreg
+
+
+def test_rankme_known_spectra():
+    g = torch.Generator().manual_seed(0)
+    # Rank one: every row a multiple of one vector.
+    z = torch.randn(500, 1, generator=g) * torch.randn(1, 32, generator=g)
+    assert rankme(z) == pytest.approx(1.0, abs=1e-3)
+    # Orthogonal columns of equal norm: all singular values equal -> full rank.
+    q, _ = torch.linalg.qr(torch.randn(200, 16, generator=g, dtype=torch.float64))
+    assert rankme(q * 3.0) == pytest.approx(16.0, rel=1e-4)
+    # Two equal singular values and the rest zero -> 2; a 3:1 split -> exp(H(0.75, 0.25)).
+    s = torch.zeros(100, 8, dtype=torch.float64)
+    s[0, 0], s[1, 1] = 3.0, 1.0
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert rankme(s) == pytest.approx(math.exp(h), rel=1e-4)
+    s[1, 1] = 3.0
+    assert rankme(s) == pytest.approx(2.0, rel=1e-4)
+    # Wide matrices (n < D) use the other Gram matrix and agree with the SVD.
+    w = torch.randn(10, 300, generator=g)
+    sv = torch.linalg.svdvals(w.double())
+    p = sv / sv.sum() + 1e-7
+    assert rankme(w) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+
+
+def test_feature_std():
+    z = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    assert feature_std(z) == pytest.approx(((8 / 3) ** 0.5 + 0.0) / 2)
+
+
+def test_position_share_separates_position_from_content():
+    g = torch.Generator().manual_seed(1)
+    B, N, D = 64, 40, 8
+    pos = torch.randn(1, N, D, generator=g).expand(B, N, D)
+    content = torch.randn(B, N, D, generator=g)
+    assert position_share(pos + 1e-9 * content) > 0.999  # identical for every clip
+    assert position_share(content) < 0.02  # no position effect (the B-clip mean's noise is corrected)
+    # Equal between-position and within-position variance -> about 1/2.
+    share = position_share(pos + content)
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError):
+        position_share(torch.randn(1, N, D))
+
+
+def test_health_stats_and_collapse_watch():
+    g = torch.Generator().manual_seed(2)
+    healthy = torch.randn(16, 64, 32, generator=g)
+    stats = health_stats(healthy)
+    assert set(stats) == {"rankme", "feat_std", "pos_share"}
+    assert stats["rankme"] > 25 and 0.9 < stats["feat_std"] < 1.1 and stats["pos_share"] < 0.05
+    watch = CollapseWatch()
+    assert watch.check(10, stats) is None
+    collapsed = torch.randn(1, 64, 32, generator=g).expand(16, 64, 32) + 1e-6 * healthy
+    msg = watch.check(20, health_stats(collapsed))
+    assert msg is not None and "step 20" in msg and "position" in msg
+    assert watch.check(30, health_stats(collapsed)) is None  # warns once
+    # A RankMe drop to under a quarter of its first value fires on its own.
+    watch = CollapseWatch()
+    watch.check(0, {"rankme": 40.0, "feat_std": 1.0, "pos_share": 0.1})
+    assert watch.check(10, {"rankme": 20.0, "feat_std": 1.0, "pos_share": 0.1}) is None
+    assert "RankMe 9.00" in watch.check(20, {"rankme": 9.0, "feat_std": 1.0, "pos_share": 0.1})
+
+
+def test_sigreg_gaussian_small_collapsed_large_and_differentiable():
+    g = torch.Generator().manual_seed(3)
+    gauss = torch.randn(4096, 16, generator=g)
+    ep = epps_pulley(gauss[:, :4])
+    assert ep.shape == (4,) and float(ep.max()) < 2e-3
+    low = float(sigreg(gauss, 32, generator=torch.Generator().manual_seed(0)))
+    point = float(sigreg(torch.zeros(4096, 16), 32, generator=torch.Generator().manual_seed(0)))
+    line = float(sigreg(torch.randn(4096, 1, generator=g) * torch.ones(1, 16) / 4, 32,
+                     generator=torch.Generator().manual_seed(0)))
+    scaled = float(sigreg(gauss * 0.2, 32, generator=torch.Generator().manual_seed(0)))
+    assert low < 2e-3 and point > 0.3 and line > 50 * low and scaled > 50 * low
+    z = (0.1 * torch.randn(256, 8, generator=g)).requires_grad_()
+    before = sigreg(z, 16, generator=torch.Generator().manual_seed(0))
+    before.backward()
+    assert z.grad is not None and float(z.grad.abs().sum()) > 0
+    with torch.no_grad():
+        after = sigreg(z - 0.5 * z.grad / z.grad.norm(), 16, generator=torch.Generator().manual_seed(0))
+    assert float(after) < before.item()  # a step against the gradient lowers the statistic
+
+
+def test_normalize_targets_modes():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 10, 12, generator=g) * 3 + torch.randn(1, 10, 12, generator=g) * 5
+    lay = normalize_targets(h, "layer")
+    assert torch.allclose(lay.mean(-1), torch.zeros(6, 10), atol=1e-5)
+    ins = normalize_targets(h, "instance")
+    assert torch.allclose(ins.mean(1), torch.zeros(6, 12), atol=1e-5)
+    assert torch.allclose(ins.var(1, unbiased=False), torch.ones(6, 12), atol=1e-3)
+    bat = normalize_targets(h, "batch")
+    assert torch.allclose(bat.mean(0), torch.zeros(10, 12), atol=1e-5)
+    assert position_share(bat) < position_share(h)
+
+
+def test_signal_patches_marks_constant_patches():
+    spec = torch.randn(2, 1, 64, 32)
+    spec[0, 0, 32:] = 0.47  # padding in the second half of clip 0
+    spec[1, 0, :16, :16] = -1.0  # one silent patch in clip 1
+    keep = signal_patches(spec, 16)  # grid 4 x 2
+    assert keep.shape == (2, 8)
+    assert keep[0].tolist() == [True] * 4 + [False] * 4
+    assert keep[1].tolist() == [False] + [True] * 7
+
+
+def _tiny(*overrides):
+    return apply_overrides(get_preset("tiny"), ["model.depth=2", "model.embed_dim=48", "model.num_heads=2",
+                                                "model.pred_dim=32", "model.pred_depth=1", "model.pred_heads=2",
+                                                *overrides])
+
+
+def test_recipe_options_change_the_loss_and_train():
+    torch.manual_seed(0)
+    cfg0 = _tiny()
+    spec = torch.randn(4, 1, 256, 128)
+    spec[:2, :, 160:] = 0.47
+    masks = MaskSampler(cfg0.masks, cfg0.grid, 100, 0)(0, 4)
+    base = AJEPA(cfg0, impl="reference")
+    ref = base(spec, masks)
+    variants = [["model.target_norm=batch"], ["model.target_layers=2", "model.target_norm=instance"],
+                ["model.signal_targets_only=true"], ["model.sigreg_weight=1.0"],
+                ["model.sigreg_weight=1.0", "model.sigreg_content=true"]]
+    for ov in variants:
+        m = AJEPA(_tiny(*ov), impl="reference")
+        m.load_state_dict(base.state_dict())
+        loss = m(spec, masks)
+        assert torch.isfinite(loss) and abs(float(loss) - float(ref)) > 1e-4, ov
+        loss.backward()
+        assert all(p.grad is not None for p in m.encoder.blocks[0].parameters()), ov
+
+
+def test_recipe_config_validation():
+    for bad, field in (("model.target_norm=foo", "model.target_norm"), ("model.target_layers=0", "model.target_layers"),
+                       ("model.target_layers=9", "model.target_layers"), ("model.sigreg_weight=-1", "model.sigreg_weight"),
+                       ("model.sigreg_weight=nan", "model.sigreg_weight"),
+                       ("model.sigreg_projections=0", "model.sigreg_projections"),
+                       ("model.sigreg_content=maybe", "model.sigreg_content")):
+        with pytest.raises(ConfigError, match=field):
+            apply_overrides(get_preset("tiny"), [bad])
+
+
+def test_position_centered_removes_the_shared_part():
+    N, D = 5, 3
+    pos_part = torch.arange(N * D, dtype=torch.float32).view(N, D) * 10
+    # Samples 0 and 1 see positions 0-3, sample 2 sees 1 and 4 (position 4: only one sample).
+    index = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 11, 14])
+    content = torch.randn(index.numel(), D)
+    z = position_centered(pos_part[index % N] + content, index, N)
+    assert z.shape == (9, D)  # the lone token at position 4 is dropped
+    keep = (index % N) != 4
+    pos = (index % N)[keep]
+    c = content[keep]
+    want = torch.stack([c[i] - c[pos == pos[i]].mean(0) for i in range(len(c))])
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-4)
