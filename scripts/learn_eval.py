@@ -21,9 +21,9 @@ import torch
 
 from ajepa.config import DataConfig, get_preset
 from ajepa.data import build_dataset
-from ajepa.embed import audio_token_mask, load_encoder, random_encoder
+from ajepa.eval.embed import audio_token_mask, load_encoder, random_encoder
+from ajepa.eval.probe import linear_probe, stratified_split
 from ajepa.model.health import health_stats
-from ajepa.probe import linear_probe, stratified_split
 
 SPLIT_SEEDS = (0, 1, 2)
 

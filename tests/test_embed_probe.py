@@ -9,8 +9,14 @@ from helpers import micro_config
 import ajepa
 from ajepa.cli import main
 from ajepa.data import write_synth_corpus
-from ajepa.embed import load_encoder, read_checkpoint
-from ajepa.probe import average_precision, linear_probe, manifest_label_sets, mean_average_precision, stratified_split
+from ajepa.eval.embed import load_encoder, read_checkpoint
+from ajepa.eval.probe import (
+    average_precision,
+    linear_probe,
+    manifest_label_sets,
+    mean_average_precision,
+    stratified_split,
+)
 from ajepa.train import train
 
 
@@ -229,7 +235,7 @@ def test_probe_with_given_test_set_maps_labels_by_name(ckpt, tmp_path, capsys):
 
 def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour():
     from ajepa.config import get_preset
-    from ajepa.embed import audio_token_mask, random_encoder
+    from ajepa.eval.embed import audio_token_mask, random_encoder
 
     cfg = get_preset("tiny")
     enc = random_encoder(cfg, seed=0)

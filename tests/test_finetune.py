@@ -6,8 +6,15 @@ from helpers import micro_config
 
 from ajepa.cli import main
 from ajepa.data import SyntheticDataset
-from ajepa.embed import random_encoder, read_checkpoint, strict_load
-from ajepa.finetune import Classifier, FinetuneOptions, finetune, layer_decay_groups, regularized_key_mask, spec_augment
+from ajepa.eval.embed import random_encoder, read_checkpoint, strict_load
+from ajepa.eval.finetune import (
+    Classifier,
+    FinetuneOptions,
+    finetune,
+    layer_decay_groups,
+    regularized_key_mask,
+    spec_augment,
+)
 from ajepa.model.vit import Attention, ViTEncoder
 
 

@@ -13,8 +13,8 @@ import torch
 
 from ajepa.cli import main
 from ajepa.data import SyntheticDataset
-from ajepa.embed import dataset_features, load_encoder, random_encoder
-from ajepa.probe import linear_probe, stratified_split
+from ajepa.eval.embed import dataset_features, load_encoder, random_encoder
+from ajepa.eval.probe import linear_probe, stratified_split
 
 FIXTURE = Path(__file__).parent / "fixtures" / "probe_encoder.safetensors"
 CLIPS = 210  # 30 per class; 63 test clips per split
@@ -65,8 +65,8 @@ def test_probe_cli_reports_both(tmp_path, capsys):
 
 
 def test_probe_baseline_mel_puts_three_side_by_side(tmp_path, capsys):
-    from ajepa.embed import load_encoder
-    from ajepa.probe import logmel_features, stratified_split
+    from ajepa.eval.embed import load_encoder
+    from ajepa.eval.probe import logmel_features, stratified_split
 
     report = tmp_path / "b.json"
     assert main(["probe", "--checkpoint", str(FIXTURE), "--report", str(report), "--baseline", "mel",
@@ -93,7 +93,7 @@ def test_probe_baseline_mel_puts_three_side_by_side(tmp_path, capsys):
 
 def test_logmel_features_use_only_the_clips_own_frames():
     from ajepa.config import get_preset
-    from ajepa.probe import logmel_features
+    from ajepa.eval.probe import logmel_features
 
     audio = get_preset("tiny").audio
 

@@ -57,7 +57,7 @@ def _add_encoder_args(p: argparse.ArgumentParser, data_required: bool = False) -
 
 def _encoder(args):
     from ajepa.device import resolve_device
-    from ajepa.embed import encoder_for
+    from ajepa.eval.embed import encoder_for
 
     if not args.random_init and args.preset is not None:
         raise ValueError("--preset only sets the shape of a --random-init encoder; add --random-init or drop --preset")
@@ -83,7 +83,7 @@ def _source(args) -> str:
 
 
 def cmd_embed(args) -> int:
-    from ajepa.embed import dataset_features, dataset_paths
+    from ajepa.eval.embed import dataset_features, dataset_paths
 
     if args.out.suffix != ".npz":
         raise ValueError(f"--out {args.out}: embeddings are written as .npz; give a path ending in .npz")
@@ -110,8 +110,8 @@ def _probe_split(args, enc, featurize=None):
     """(x_train, y_train, x_test, y_test, targets) from --data (stratified split) or --data + --test-data.
 
     `featurize(dataset, desc)` gives the features (default: `enc`'s embeddings)."""
-    from ajepa.embed import dataset_features
-    from ajepa.probe import Targets, random_split, require_two_classes, stratified_split, targets_for
+    from ajepa.eval.embed import dataset_features
+    from ajepa.eval.probe import Targets, random_split, require_two_classes, stratified_split, targets_for
 
     progress = not args.no_progress
     if featurize is None:
@@ -153,7 +153,7 @@ def _probe_split(args, enc, featurize=None):
 
 
 def cmd_probe(args) -> int:
-    from ajepa.probe import linear_probe, logmel_features
+    from ajepa.eval.probe import linear_probe, logmel_features
 
     enc = _encoder(args)
     x_tr, y_tr, x_te, y_te, tg = _probe_split(args, enc)
@@ -169,7 +169,7 @@ def cmd_probe(args) -> int:
         # Same splits, same probe: an untrained encoder of the same shape, and no network at all.
         baselines = {}
         if not args.random_init:
-            from ajepa.embed import random_encoder
+            from ajepa.eval.embed import random_encoder
 
             rnd = random_encoder(enc.cfg, args.init_seed, enc.device)
             r = linear_probe(*_probe_split(args, rnd)[:4], tg.classes, tg.multilabel, seed=args.seed)
@@ -198,7 +198,7 @@ def cmd_probe(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from ajepa.finetune import FinetuneOptions, finetune
+    from ajepa.eval.finetune import FinetuneOptions, finetune
 
     enc = _encoder(args)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
@@ -214,7 +214,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ajepa.embed import load_encoder
+    from ajepa.eval.embed import load_encoder
 
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: give a path ending in .safetensors")
@@ -247,7 +247,7 @@ def cmd_plot(args) -> int:
 
 def add_commands(sub) -> None:
     """Register embed, probe, finetune, export, masks and plot."""
-    from ajepa.finetune import FinetuneOptions
+    from ajepa.eval.finetune import FinetuneOptions
 
     p = sub.add_parser(
         "embed",

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ajepa.checkpoint import FORMAT_VERSION, save_checkpoint
 from ajepa.config import Config, to_dict
+from ajepa.eval.probe import stratified_split
 from ajepa.model.vit import ViTEncoder
-from ajepa.probe import stratified_split
 
 
 def _opt(default, help: str):
