@@ -30,6 +30,8 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "webdataset",
+        "wids",
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff"],

@@ -173,6 +173,37 @@ def waveform_to_spec(
 SEEK_FACTOR = 4  # files over this many crops long are read only under the crop
 
 
+def _hop(cfg: AudioConfig) -> int:
+    return int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
+
+
+def crop_samples(cfg: AudioConfig) -> int:
+    """Samples (at cfg.sample_rate) that cfg.target_frames kaldi frames span."""
+    return (cfg.target_frames - 1) * _hop(cfg) + int(cfg.sample_rate * cfg.frame_length_ms / 1000)
+
+
+def crop_plan(samples: int, cfg: AudioConfig, crop_offset: int | None, generator) -> int | None:
+    """The crop's first frame for a clip of `samples` samples at cfg.sample_rate, drawn as
+    `waveform_to_spec` draws it (crop_offset None) or clamped; None when the clip is short enough
+    (under SEEK_FACTOR crops) to be framed whole."""
+    if samples < SEEK_FACTOR * crop_samples(cfg):
+        return None
+    extra = kaldi_frames(samples, cfg) - cfg.target_frames
+    if crop_offset is None:
+        crop_offset = int(torch.randint(0, extra + 1, (1,), generator=generator)) if extra > 0 else 0
+    return max(0, min(crop_offset, extra))
+
+
+def crop_wave(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, generator=None):
+    """(wave, crop_offset) for `waveform_to_spec`: a long clip at cfg.sample_rate is cut to the samples
+    under its crop first (offset 0 after), so its fbank is computed over the crop only."""
+    first = crop_plan(wave.numel(), cfg, crop_offset, generator)
+    if first is None:
+        return wave, crop_offset
+    start = first * _hop(cfg)
+    return wave[start : start + crop_samples(cfg)], 0
+
+
 def kaldi_frames(samples: int, cfg: AudioConfig) -> int:
     """Frames kaldi.fbank gives for `samples` samples at cfg.sample_rate (snip_edges; short clips pad to one)."""
     win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
@@ -195,16 +226,11 @@ def _crop_window(path: Path, cfg: AudioConfig, crop_offset: int | None, generato
     sr, total = int(info.samplerate), int(info.frames)
     if sr <= 0 or total <= 0:
         return None
-    win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
-    shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
-    need = (cfg.target_frames - 1) * shift + win  # samples at cfg.sample_rate
     resampled = math.ceil(total * cfg.sample_rate / sr)
-    if resampled < SEEK_FACTOR * need:  # short enough: decode it whole, bit-identical to waveform_to_spec
+    crop_offset = crop_plan(resampled, cfg, crop_offset, generator)
+    if crop_offset is None:  # short enough: decode it whole, bit-identical to waveform_to_spec
         return None
-    extra = kaldi_frames(resampled, cfg) - cfg.target_frames
-    if crop_offset is None:
-        crop_offset = int(torch.randint(0, extra + 1, (1,), generator=generator)) if extra > 0 else 0
-    crop_offset = max(0, min(crop_offset, extra))
+    shift, need = _hop(cfg), crop_samples(cfg)
     start = crop_offset * shift  # the crop's first sample at cfg.sample_rate
     if sr == cfg.sample_rate:
         wave, _ = load_audio(path, start=start, frames=need)

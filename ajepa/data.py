@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ajepa.audio import AUDIO_EXTENSIONS, AudioError, fbank, file_to_spec, load_audio, resample, waveform_to_spec
+from ajepa.audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    crop_wave,
+    fbank,
+    file_to_spec,
+    load_audio,
+    resample,
+    waveform_to_spec,
+)
 from ajepa.config import AudioConfig, DataConfig
 from ajepa.masks import MaskSampler, PackedMasks
 
@@ -212,6 +221,65 @@ def read_manifest(path: Path) -> tuple[list[Path], list[str | None]]:
     return paths, labels
 
 
+SHARD_INDEX = "index.json"  # written by `ajepa prepare` (ajepa/prepare.py)
+SHARD_FORMAT = "ajepa-shards"
+SHARD_VERSION = 1
+
+
+def read_index(path: str | Path) -> dict:
+    """A shard folder's (or its index.json's) index, checked; one-line errors."""
+    path = Path(path)
+    path = path / SHARD_INDEX if path.is_dir() else path
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable shard index ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{path}: not an ajepa shard index (format {SHARD_FORMAT!r} expected)")
+    if index.get("version", 0) > SHARD_VERSION:
+        raise ValueError(f"{path}: shard index version {index['version']} is newer than this ajepa; upgrade")
+    return index
+
+
+class ShardDataset(SpecDataset):
+    """Clips from `ajepa prepare`'s shards: int16 PCM at the index's sample rate, read by index through
+    webdataset's `wids` (random access, so batches stay a pure function of (seed, step))."""
+
+    def __init__(self, folder: Path, audio: AudioConfig, random_crop: bool = True):
+        import contextlib
+
+        import wids
+
+        index = read_index(folder)
+        self.folder = folder if folder.is_dir() else folder.parent
+        if index["sample_rate"] != audio.sample_rate:
+            raise ValueError(f"--data {folder}: shards hold {index['sample_rate']} Hz audio, the config wants "
+                             f"audio.sample_rate={audio.sample_rate}; run ajepa prepare again with it")
+        self.audio, self.random_crop = audio, random_crop
+        self.paths = [Path(p) for p in index["paths"]]
+        self.classes = tuple(index["classes"])
+        lookup = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [lookup[lab] if lab is not None else -1 for lab in index["labels"]]
+        shards = [{"url": str(self.folder / s["url"]), "nsamples": s["nsamples"]} for s in index["shardlist"]]
+        quiet = io.StringIO()  # wids prints its shard list on construction
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            self.reader = wids.ShardListDataset(shards, transformations=[])
+
+    def waveform(self, i: int) -> torch.Tensor:
+        sample = self.reader[i]
+        pcm = np.frombuffer(sample[".pcm"].getvalue(), dtype=np.int16)
+        return torch.from_numpy(pcm.astype(np.float32) / 32767.0)
+
+    def spectrogram(self, i: int, generator=None) -> torch.Tensor:
+        wave = self.waveform(i)
+        offset = None if (self.random_crop and generator is not None) else 0
+        wave, offset = crop_wave(wave, self.audio, offset, generator)
+        return waveform_to_spec(wave, self.audio.sample_rate, self.audio, crop_offset=offset).unsqueeze(0)
+
+    def raw_fbank(self, i: int) -> torch.Tensor:
+        return fbank(self.waveform(i), self.audio)
+
+
 def build_dataset(data: DataConfig, audio: AudioConfig, seed: int = 0) -> SpecDataset:
     """`data.path` None -> built-in corpus; a folder -> audio files in it; .csv/.jsonl -> a manifest."""
     if data.path is None:
@@ -219,6 +287,8 @@ def build_dataset(data: DataConfig, audio: AudioConfig, seed: int = 0) -> SpecDa
     path = Path(data.path)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or folder")
+    if (path / SHARD_INDEX).is_file() or path.name == SHARD_INDEX:
+        return ShardDataset(path, audio, data.random_crop)
     if path.is_dir():
         paths, labels = scan_folder(path)
         if not paths:

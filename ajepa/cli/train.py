@@ -1,9 +1,10 @@
-"""`ajepa train | synth | speech | stats`: pretraining and its data."""
+"""`ajepa train | synth | speech | prepare | stats`: pretraining and its data."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def cmd_speech(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from ajepa.prepare import prepare
+
+    if args.data is None:
+        raise ValueError("--data is required: the audio folder or manifest to decode into shards")
+    cfg = _resolve_config(args)
+    index = prepare(args.data, args.out, cfg.audio, args.shard_size, args.workers, not args.no_progress)
+    for name, reason in index["bad_files"]:
+        print(f"ajepa prepare: skipped bad audio {name}: {reason}", file=sys.stderr)
+    print(f"wrote {index['total_clips']} clips ({index['total_hours']:.2f} h) in {len(index['shardlist'])} shards "
+          f"to {args.out}; {len(index['bad_files'])} bad files skipped; train with --data {args.out}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from ajepa.stats import dataset_stats
 
@@ -150,7 +165,7 @@ def cmd_stats(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """Register train, synth, speech and stats."""
+    """Register train, synth, speech, prepare and stats."""
 
     p = sub.add_parser("train", help="pretrain an A-JEPA encoder",
                        description="Pretrain an A-JEPA encoder. Writes config.yaml, metrics.jsonl and checkpoints to "
@@ -199,6 +214,18 @@ def add_commands(sub) -> None:
     p.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes (default 2)")
     add_progress_flag(p)
     p.set_defaults(func=cmd_speech)
+
+    p = sub.add_parser("prepare", help="decode a corpus once into webdataset shards of 16-bit PCM (+ index.json)",
+                       description="Decode every file once (mono, resampled to audio.sample_rate, int16) into tar "
+                                   "shards that `ajepa train --data SHARDS/` reads. Resumable: finished shards are "
+                                   "skipped; each shard is written under a temporary name, then renamed.")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for shard-*.tar and index.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="parallel decoding processes (default: every core)")
+    add_progress_flag(p)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("stats", help="compute a dataset's fbank mean and std for audio.norm_mean/norm_std")
     _add_config_args(p)
