@@ -98,7 +98,7 @@ def _mel_bank(num_bins: int, padded: int, sample_rate: int) -> torch.Tensor:
     return torch.nn.functional.pad(bank, (0, 1))
 
 
-def batch_fbank(waves: torch.Tensor, lengths: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+def batch_fbank(waves: torch.Tensor, lengths: torch.Tensor, cfg: AudioConfig, validate: bool = True) -> torch.Tensor:
     """The frontend for a whole batch in one computation, on whatever device `waves` is on:
     mono waveforms at cfg.sample_rate, padded [B, S], with their `lengths` [B] -> normalized
     log-mel spectrograms [B, cfg.target_frames, cfg.num_mel_bins].
@@ -109,11 +109,12 @@ def batch_fbank(waves: torch.Tensor, lengths: torch.Tensor, cfg: AudioConfig) ->
     Hanning window, the power spectrum of the window zero-padded to a power of two, kaldi's mel
     bank and the log, floored at float eps; frames past the clip's end are zero before
     normalization, as padding is. Matches `torchaudio.compliance.kaldi.fbank` per clip to within
-    float rounding (tests/test_audio.py)."""
+    float rounding (tests/test_audio.py). `validate=False` skips the lengths check, a host sync on a GPU
+    (the training loop's collator builds them)."""
     if waves.dim() != 2 or lengths.dim() != 1 or lengths.numel() != waves.shape[0]:
         raise AudioError(f"batch_fbank: waves must be [B, S] and lengths [B], got {tuple(waves.shape)} "
                          f"and {tuple(lengths.shape)}")
-    if bool((lengths < 1).any()) or bool((lengths > waves.shape[1]).any()):
+    if validate and (bool((lengths < 1).any()) or bool((lengths > waves.shape[1]).any())):
         raise AudioError(f"batch_fbank: lengths must be in 1..{waves.shape[1]}")
     waves, device = waves.float(), waves.device
     B, S = waves.shape
@@ -204,6 +205,17 @@ def crop_wave(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, gen
     return wave[start : start + crop_samples(cfg)], 0
 
 
+def window_of(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, generator=None) -> torch.Tensor:
+    """The samples under the crop of a clip at cfg.sample_rate: kaldi frames offset .. offset +
+    target_frames - 1, the offset drawn as `waveform_to_spec` draws it (crop_offset None) or clamped.
+    A clip shorter than the crop comes back whole."""
+    extra = kaldi_frames(wave.numel(), cfg) - cfg.target_frames
+    if crop_offset is None:
+        crop_offset = int(torch.randint(0, extra + 1, (1,), generator=generator)) if extra > 0 else 0
+    start = max(0, min(crop_offset, extra)) * _hop(cfg)
+    return wave[start : start + crop_samples(cfg)]
+
+
 def kaldi_frames(samples: int, cfg: AudioConfig) -> int:
     """Frames kaldi.fbank gives for `samples` samples at cfg.sample_rate (snip_edges; short clips pad to one)."""
     win = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
@@ -246,6 +258,25 @@ def _crop_window(path: Path, cfg: AudioConfig, crop_offset: int | None, generato
     wave = resample(wave, sr, cfg.sample_rate)
     skip = start - first_out
     return wave[skip : skip + need], cfg.sample_rate
+
+
+def file_to_crop(path: str | Path, cfg: AudioConfig, crop_offset: int | None = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The samples under a file's crop, mono at cfg.sample_rate (at most `crop_samples(cfg)` of them):
+    the loader's share of the work when the fbank runs batched on the device (`batch_fbank`)."""
+    path = Path(path)
+    _check_file(path)
+    window = _crop_window(path, cfg, crop_offset, generator)
+    if window is not None:
+        wave = window[0]
+    else:
+        wave, sr = load_audio(path)
+        wave = window_of(resample(wave, sr, cfg.sample_rate), cfg, crop_offset, generator)
+    if wave.numel() == 0:
+        raise AudioError(f"{path}: empty waveform (0 samples)")
+    if not bool(wave.isfinite().all()):
+        raise AudioError(f"{path}: waveform holds NaN or Inf samples")
+    return wave
 
 
 def file_to_spec(path: str | Path, cfg: AudioConfig, crop_offset: int | None = 0,

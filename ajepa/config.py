@@ -21,6 +21,7 @@ from ajepa.maskgeom import context_room
 from kernels import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM
 
 MASK_MODES = ("curriculum", "multiblock", "tf")
+FRONTENDS = ("auto", "cpu", "gpu")
 LOSSES = ("l2", "smooth_l1")
 TARGET_NORMS = ("layer", "instance", "batch")
 PARALLEL = ("ddp", "fsdp")
@@ -96,6 +97,9 @@ class AudioConfig:
     # AudioMAE's AudioSet statistics; `ajepa stats` computes a dataset's own.
     norm_mean: float = -4.2677393
     norm_std: float = 4.5689974
+    # Where the fbank runs: "cpu" per clip in the loader workers, "gpu" batched on the training device
+    # (ajepa.audio.batch_fbank; workers only read and crop audio), "auto": gpu on CUDA, else cpu.
+    frontend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -441,6 +445,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.sigreg_weight={m.sigreg_weight} must be finite and >= 0")
     if m.sigreg_projections < 1:
         raise ConfigError(f"model.sigreg_projections={m.sigreg_projections} must be >= 1")
+    if a.frontend not in FRONTENDS:
+        raise ConfigError(f"audio.frontend={_short(a.frontend)}; choose one of {FRONTENDS}")
     if k.mode not in MASK_MODES:
         raise ConfigError(f"masks.mode={_short(k.mode)}; choose one of {MASK_MODES}")
     _check_range("masks.context_scale", k.context_scale, 0.0, 1.0)

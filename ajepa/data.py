@@ -20,10 +20,12 @@ from ajepa.audio import (
     AudioError,
     crop_wave,
     fbank,
+    file_to_crop,
     file_to_spec,
     load_audio,
     resample,
     waveform_to_spec,
+    window_of,
 )
 from ajepa.config import AudioConfig, DataConfig
 from ajepa.masks import MaskSampler, PackedMasks
@@ -126,6 +128,11 @@ class SpecDataset(torch.utils.data.Dataset):
         """Un-normalized, uncropped fbank [frames, mel] of item i (for dataset statistics)."""
         raise NotImplementedError
 
+    def crop(self, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The waveform under item i's crop [S] at audio.sample_rate, S <= crop_samples: what the
+        loader hands over when the fbank runs batched on the device (audio.frontend)."""
+        raise NotImplementedError
+
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.spectrogram(i)
 
@@ -150,6 +157,9 @@ class SyntheticDataset(SpecDataset):
         wave, _ = synth_clip(i, synth_seconds(self.audio), self.audio.sample_rate, self.seed)
         return fbank(torch.from_numpy(wave), self.audio)
 
+    def crop(self, i: int, generator=None) -> torch.Tensor:
+        return torch.from_numpy(synth_clip(i, synth_seconds(self.audio), self.audio.sample_rate, self.seed)[0])
+
 
 class AudioFileDataset(SpecDataset):
     """Audio files with optional labels; long clips are cropped at a seeded random offset."""
@@ -170,6 +180,10 @@ class AudioFileDataset(SpecDataset):
     def raw_fbank(self, i: int) -> torch.Tensor:
         wave, sr = load_audio(self.paths[i])
         return fbank(resample(wave, sr, self.audio.sample_rate), self.audio)
+
+    def crop(self, i: int, generator=None) -> torch.Tensor:
+        offset = None if (self.random_crop and generator is not None) else 0
+        return file_to_crop(self.paths[i], self.audio, crop_offset=offset, generator=generator)
 
 
 def scan_folder(root: Path) -> tuple[list[Path], list[str | None]]:
@@ -274,10 +288,14 @@ class ShardDataset(SpecDataset):
         wave = self.waveform(i)
         offset = None if (self.random_crop and generator is not None) else 0
         wave, offset = crop_wave(wave, self.audio, offset, generator)
-        return waveform_to_spec(wave, self.audio.sample_rate, self.audio, crop_offset=offset).unsqueeze(0)
+        return waveform_to_spec(wave, self.audio.sample_rate, self.audio, offset, generator).unsqueeze(0)
 
     def raw_fbank(self, i: int) -> torch.Tensor:
         return fbank(self.waveform(i), self.audio)
+
+    def crop(self, i: int, generator=None) -> torch.Tensor:
+        offset = None if (self.random_crop and generator is not None) else 0
+        return window_of(self.waveform(i), self.audio, offset, generator)
 
 
 def build_dataset(data: DataConfig, audio: AudioConfig, seed: int = 0) -> SpecDataset:
@@ -352,8 +370,10 @@ class StepDataset(torch.utils.data.Dataset):
     clips are remembered and never decoded twice. With `strict`, the first bad clip raises.
     """
 
-    def __init__(self, base: SpecDataset, seed: int = 0, strict: bool = False):
-        self.base, self.seed, self.strict = base, seed, strict
+    def __init__(self, base: SpecDataset, seed: int = 0, strict: bool = False, waves: bool = False):
+        """`waves`: hand over the waveform under each crop instead of its spectrogram (the fbank then
+        runs batched on the device, `ajepa.audio.batch_fbank`)."""
+        self.base, self.seed, self.strict, self.waves = base, seed, strict, waves
         self._bad: dict[int, str] = {}  # index -> reason, per process (each loader worker has its own)
 
     def __len__(self) -> int:
@@ -369,9 +389,11 @@ class StepDataset(torch.utils.data.Dataset):
             return None
         gen = torch.Generator().manual_seed(hash((self.seed, step, i)) & 0x7FFFFFFF)
         try:
-            spec = self.base.spectrogram(i, gen)
+            spec = self.base.crop(i, gen) if self.waves else self.base.spectrogram(i, gen)
+            if spec.numel() == 0:
+                raise AudioError("empty waveform (0 samples)")
             if not torch.isfinite(spec).all():
-                raise AudioError("spectrogram holds NaN or Inf values")
+                raise AudioError(f"{'waveform' if self.waves else 'spectrogram'} holds NaN or Inf values")
             return spec
         except (AudioError, RuntimeError, ValueError, OSError) as exc:
             name = self._name(i)
@@ -434,6 +456,7 @@ class Batch:
     target_count: torch.Tensor | None = None  # float32 [] number of target tokens (for the global loss mean)
     bad: tuple[tuple[str, str], ...] = ()  # (file, reason) for each bad clip met while building the batch
     skipped: int = 0  # samples of this batch that were replaced because their clip was bad
+    lengths: torch.Tensor | None = None  # int64 [B]: `spec` holds padded waveforms [B, S] (audio.frontend)
     error: BaseException | None = None  # a user error met in the loader worker: raise it in the main process
 
     @classmethod
@@ -453,6 +476,7 @@ class Batch:
             None if count is None else count.to(device, non_blocking=non_blocking),
             self.bad,
             self.skipped,
+            None if self.lengths is None else self.lengths.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -460,7 +484,7 @@ class Batch:
             return self
         count = None if self.target_count is None else self.target_count.pin_memory()
         return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory(),
-                     count, self.bad, self.skipped)
+                     count, self.bad, self.skipped, None if self.lengths is None else self.lengths.pin_memory())
 
 
 class MaskCollator:
@@ -481,17 +505,22 @@ class MaskCollator:
             return Batch.failed(exc)
         count = torch.tensor(float(masks.tgt_index.numel()))
         bad = tuple(dict.fromkeys(b for group in bads for b in group))
+        lengths = None
+        if specs[0].dim() == 1:  # waveforms of their own lengths: pad to the longest
+            lengths = torch.tensor([w.numel() for w in specs], dtype=torch.long)
+            specs = [torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in specs]
         return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
-                     sum(1 for group in bads if group))
+                     sum(1 for group in bads if group), lengths)
 
 
 def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, steps: int, seed: int,
                 start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                strict: bool = False):
-    """Batches of `batch_size` samples (this rank's share) for steps start_step..steps-1."""
+                strict: bool = False, waves: bool = False):
+    """Batches of `batch_size` samples (this rank's share) for steps start_step..steps-1; with `waves`,
+    padded waveforms and their lengths instead of spectrograms."""
     batches = StepBatchSampler(len(dataset), batch_size, steps, seed, start_step, rank, world)
     return torch.utils.data.DataLoader(
-        StepDataset(dataset, seed, strict),
+        StepDataset(dataset, seed, strict, waves),
         batch_sampler=batches,
         collate_fn=MaskCollator(sampler),
         num_workers=num_workers,

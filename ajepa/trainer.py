@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ajepa.audio import batch_fbank
 from ajepa.checkpoint import CheckpointDir
 from ajepa.config import Config, check_world_size, save_config, to_dict
 from ajepa.data import Batch, build_dataset, make_loader
@@ -135,9 +136,12 @@ class Trainer:
             np.random.set_state(state["rng"]["numpy"])
             random.setstate(state["rng"]["python"])
         sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, cfg.train.seed, rank=info.rank)
+        frontend = cfg.audio.frontend
+        self.device_fbank = frontend == "gpu" or (frontend == "auto" and self.device.type == "cuda")
         self.loader = make_loader(dataset, sampler, cfg.train.batch_size // info.world, self.end, cfg.train.seed,
                                   self.start, cfg.train.num_workers, info.rank, info.world,
-                                  pin_memory=self.device.type == "cuda", strict=cfg.data.strict)
+                                  pin_memory=self.device.type == "cuda", strict=cfg.data.strict,
+                                  waves=self.device_fbank)
         self.metrics = MetricsLog(self.out, fresh=not resume) if info.is_main else None
         if self.metrics is not None and resume:
             self.metrics.truncate(self.start)
@@ -180,7 +184,7 @@ class Trainer:
                 batches = iter(self.loader)
                 while (batch := self._next_batch(batches)) is not None:
                     step = self._note_bad_audio(batch).step
-                    batch = batch.to(self.device, non_blocking=True)
+                    batch = self._on_device(batch)
                     stats = self.step_fn(batch.spec, batch.masks, step, batch.target_count)
                     self.device_counters.add(stats)
                     self.n_log += 1
@@ -201,6 +205,15 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(batches, None)
         self.data_wait += time.perf_counter() - t0
+        return batch
+
+    def _on_device(self, batch: Batch) -> Batch:
+        """The batch on the training device, its waveforms turned into spectrograms there when the
+        fbank runs on the device (audio.frontend)."""
+        batch = batch.to(self.device, non_blocking=True)
+        if batch.lengths is not None:
+            batch.spec = batch_fbank(batch.spec, batch.lengths, self.cfg.audio, validate=False).unsqueeze(1)
+            batch.lengths = None
         return batch
 
     def _note_bad_audio(self, batch: Batch) -> Batch:

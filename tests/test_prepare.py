@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 from helpers import micro_config
 
-from ajepa.audio import load_audio, resample, waveform_to_spec
+from ajepa.audio import batch_fbank, load_audio, resample, waveform_to_spec
 from ajepa.cli import main
 from ajepa.config import get_preset
 from ajepa.data import ShardDataset, build_dataset, synth_clip
@@ -89,3 +89,20 @@ def test_prepare_and_shard_errors_are_one_line(corpus, tmp_path, capsys):
                  "--set", "audio.sample_rate=8000"]) == 2
     err = capsys.readouterr().err.strip()
     assert "shards hold 16000 Hz audio" in err and len(err.splitlines()) == 1
+
+
+def test_waveform_crops_give_the_per_clip_spectrograms(corpus, tmp_path):
+    """What the loader hands over for the device frontend (the samples under each crop), put through
+    batch_fbank, is the per-clip spectrogram at the same seeded crop: files (a 60 s one read by seeking,
+    a 22.05 kHz one resampled), shards and the built-in corpus."""
+    cfg = get_preset("tiny").audio
+    sf.write(str(corpus / "b" / "long.wav"), synth_clip(99, 60.0, 16000)[0], 16000)
+    prepare(corpus, tmp_path / "shards", cfg, shard_size=8, progress=False)
+    datasets = [build_dataset(micro_config(**{"data.path": str(corpus)}).data, cfg),
+                ShardDataset(tmp_path / "shards", cfg), build_dataset(micro_config().data, cfg)]
+    for ds in datasets:
+        for i in range(0, len(ds), 5):
+            waves = ds.crop(i, torch.Generator().manual_seed(i))
+            got = batch_fbank(waves[None], torch.tensor([waves.numel()]), cfg)[0]
+            want = ds.spectrogram(i, torch.Generator().manual_seed(i))[0]
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=0, msg=f"{type(ds).__name__} item {i}")

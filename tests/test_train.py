@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import micro_config
 
+from ajepa.config import apply_overrides
 from ajepa.train import lr_at, momentum_at, train, wd_at
 
 
@@ -77,3 +78,12 @@ def test_data_wait_is_measured_and_an_input_bound_run_is_warned_once(tmp_path, m
     fast = run("fast", 0.0)
     assert max(fast) < min(slow) and max(fast) < 0.2, (fast, slow)
     assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
+
+
+def test_the_device_frontend_trains_like_the_per_clip_one(tmp_path):
+    """audio.frontend=gpu: loader workers hand over cropped waveforms and the fbank runs batched on the
+    training device (here the CPU); the run matches the per-clip frontend's to float rounding."""
+    cfg = micro_config(**{"train.steps": 4})
+    per_clip = train(apply_overrides(cfg, ["audio.frontend=cpu"]), tmp_path / "cpu", progress=False)
+    batched = train(apply_overrides(cfg, ["audio.frontend=gpu"]), tmp_path / "gpu", progress=False)
+    torch.testing.assert_close([v for _, v in batched.losses], [v for _, v in per_clip.losses], rtol=1e-4, atol=0)
