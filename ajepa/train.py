@@ -402,9 +402,14 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, max_steps: int 
     watch = CollapseWatch()
     step = start
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and info.is_main), dynamic_ncols=True)
+    # The loader draws its workers' base seed from the global RNG when its iterator starts; a fork
+    # keeps that draw out of the stream the model uses (SIGReg's projections), so a resumed run
+    # repeats the uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
     try:
         with StopSignals() as signals:
-            for batch in loader:
+            for batch in batches:
                 step = batch.step
                 for name, reason in batch.bad:  # empty unless a clip was bad: no per-sample work
                     if name not in seen_bad:
