@@ -181,7 +181,11 @@ class Trainer:
                    disable=not (self.progress and self.info.is_main))
         try:
             with StopSignals() as signals:
-                batches = iter(self.loader)
+                # The loader draws its workers' base seed from the global RNG when its iterator starts; a
+                # fork keeps that draw out of the stream the model uses (SIGReg's projections), so a
+                # resumed run repeats the uninterrupted one.
+                with torch.random.fork_rng(devices=[]):
+                    batches = iter(self.loader)
                 while (batch := self._next_batch(batches)) is not None:
                     step = self._note_bad_audio(batch).step
                     batch = self._on_device(batch)

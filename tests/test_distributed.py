@@ -21,7 +21,9 @@ from ajepa.config import ConfigError, load_config
 from ajepa.train import train
 
 STEPS = 4
-OVERRIDES = {"train.steps": STEPS, "train.ckpt_every": 2, "optim.lr": 2e-3}
+# SIGReg is a statistic of each rank's own tokens, not a token mean, so a 2-rank run with it is not
+# the one-process run; these tests check the distributed machinery on the token-mean JEPA loss.
+OVERRIDES = {"train.steps": STEPS, "train.ckpt_every": 2, "optim.lr": 2e-3, "model.sigreg_weight": 0}
 # One process and two ranks see the same samples and masks; only the order of float sums differs
 # (the gradient all-reduce, the per-rank loss weighting). Over 4 AdamW steps at lr 2e-3 that moves
 # losses by ~1e-7 relative and weights by ~1e-6.
@@ -171,7 +173,7 @@ def test_global_batch_must_split_over_ranks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda cfg: (DistInfo(0, 3), torch.device("cpu")))
     with pytest.raises(ConfigError, match="divisible by the world size 3"):
-        train(micro_config(), tmp_path / "run", progress=False)
+        train(micro_config(**{"model.sigreg_weight": 0}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -179,7 +181,7 @@ def test_ranks_draw_the_samples_and_masks_of_one_process():
     from ajepa.data import StepBatchSampler
     from ajepa.masks import MaskSampler
 
-    cfg = micro_config()
+    cfg = micro_config(**{"model.sigreg_weight": 0})
     one = MaskSampler(cfg.masks, cfg.grid, 100, seed=3)
     ranks = [MaskSampler(cfg.masks, cfg.grid, 100, seed=3, rank=r) for r in (0, 1)]
     for step in (0, 7, 60):

@@ -119,6 +119,19 @@ def test_fused_model_compiles_without_graph_breaks():
     eager = model(spec, masks)
     backend = "inductor" if HAS_CUDA else "aot_eager"  # inductor on the CPU would build C++ for minutes
     compiled = torch.compile(model, fullgraph=True, backend=backend)(spec, masks)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    # SIGReg draws fresh random directions per call (and inductor has its own RNG): compare the
+    # compiled loss with eager when those draws are equal, on the CPU backend, else the JEPA part.
+    if not HAS_CUDA:
+        torch.manual_seed(1)
+        eager = model(spec, masks)
+        torch.manual_seed(1)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(spec, masks)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.isfinite(compiled) and compiled > 0
     compiled.backward()
     assert model.predictor.mask_token.grad is not None
+    bare = AJEPA(micro_config(**PARITY, **{"model.sigreg_weight": 0}), impl="triton").to(device)
+    bare.load_state_dict(model.state_dict())
+    torch.testing.assert_close(torch.compile(bare, fullgraph=True, backend=backend)(spec, masks), bare(spec, masks),
+                               rtol=1e-5, atol=1e-6)

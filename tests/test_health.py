@@ -159,9 +159,8 @@ def test_position_centered_removes_the_shared_part():
     index = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 11, 14])
     content = torch.randn(index.numel(), D)
     z = position_centered(pos_part[index % N] + content, index, N)
-    assert z.shape == (9, D)  # the lone token at position 4 is dropped
-    keep = (index % N) != 4
-    pos = (index % N)[keep]
-    c = content[keep]
-    want = torch.stack([c[i] - c[pos == pos[i]].mean(0) for i in range(len(c))])
+    assert z.shape == (10, D)
+    pos = index % N
+    want = torch.stack([content[i] - content[pos == pos[i]].mean(0) for i in range(len(index))])
+    assert torch.equal(want[-1], torch.zeros(D))  # the lone token at position 4
     torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-4)

@@ -7,7 +7,7 @@ from ajepa.model import AJEPA, sincos_pos_embed
 
 
 def _setup(seed=0, batch=3):
-    cfg = micro_config()
+    cfg = micro_config(**{"model.sigreg_weight": 0})  # the bare JEPA loss (SIGReg: tests/test_health.py)
     torch.manual_seed(seed)
     model = AJEPA(cfg, impl="reference")
     spec = torch.randn(batch, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)

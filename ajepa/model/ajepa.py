@@ -35,15 +35,14 @@ def normalize_targets(h: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Ten
 
 def position_centered(tokens: torch.Tensor, index: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Packed tokens [T, D] at flat indices `index` (sample * N + position), minus the mean of the
-    batch's tokens at the same position: the part that varies with the clip. Tokens whose position
-    no other sample of the batch shares are dropped (their centered value would be exactly 0)."""
+    batch's tokens at the same position: the part that varies with the clip. (A token whose position
+    no other sample of the batch shares becomes exactly 0; shapes stay static for torch.compile.)"""
     pos = index % num_patches
     counts = torch.bincount(pos, minlength=num_patches)
     sums = torch.zeros(num_patches, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
     sums = sums.index_add(0, pos, tokens)
     mean = sums / counts.clamp_min(1).to(tokens.dtype)[:, None]
-    keep = counts[pos] >= 2
-    return (tokens - mean[pos])[keep]
+    return tokens - mean[pos]
 
 
 def signal_patches(spec: torch.Tensor, patch: int) -> torch.Tensor:

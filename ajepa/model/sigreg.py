@@ -40,4 +40,5 @@ def sigreg(z: torch.Tensor, projections: int = 64, generator: torch.Generator | 
         raise ValueError(f"sigreg: projections must be >= 1, got {projections}")
     a = torch.randn(z.shape[1], projections, device=z.device, dtype=torch.float32, generator=generator)
     a = a / a.norm(dim=0, keepdim=True)
-    return epps_pulley(z.float() @ a, t_max, knots).mean()
+    with torch.autocast(z.device.type, enabled=False):  # float32 even inside a bf16 autocast region
+        return epps_pulley(z.float() @ a, t_max, knots).mean()
