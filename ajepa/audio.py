@@ -205,15 +205,20 @@ def crop_wave(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, gen
     return wave[start : start + crop_samples(cfg)], 0
 
 
-def window_of(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, generator=None) -> torch.Tensor:
-    """The samples under the crop of a clip at cfg.sample_rate: kaldi frames offset .. offset +
-    target_frames - 1, the offset drawn as `waveform_to_spec` draws it (crop_offset None) or clamped.
-    A clip shorter than the crop comes back whole."""
-    extra = kaldi_frames(wave.numel(), cfg) - cfg.target_frames
+def window_span(samples: int, cfg: AudioConfig, crop_offset: int | None, generator=None) -> slice:
+    """The samples under the crop of a clip of `samples` samples at cfg.sample_rate: kaldi frames
+    offset .. offset + target_frames - 1, the offset drawn as `waveform_to_spec` draws it (crop_offset
+    None) or clamped. A clip shorter than the crop is covered whole."""
+    extra = kaldi_frames(samples, cfg) - cfg.target_frames
     if crop_offset is None:
         crop_offset = int(torch.randint(0, extra + 1, (1,), generator=generator)) if extra > 0 else 0
     start = max(0, min(crop_offset, extra)) * _hop(cfg)
-    return wave[start : start + crop_samples(cfg)]
+    return slice(start, start + crop_samples(cfg))
+
+
+def window_of(wave: torch.Tensor, cfg: AudioConfig, crop_offset: int | None, generator=None) -> torch.Tensor:
+    """`wave[window_span(...)]`: the samples under the clip's crop."""
+    return wave[window_span(wave.numel(), cfg, crop_offset, generator)]
 
 
 def kaldi_frames(samples: int, cfg: AudioConfig) -> int:

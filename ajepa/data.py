@@ -25,7 +25,7 @@ from ajepa.audio import (
     load_audio,
     resample,
     waveform_to_spec,
-    window_of,
+    window_span,
 )
 from ajepa.config import AudioConfig, DataConfig
 from ajepa.masks import MaskSampler, PackedMasks
@@ -279,10 +279,11 @@ class ShardDataset(SpecDataset):
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             self.reader = wids.ShardListDataset(shards, transformations=[])
 
+    def _pcm(self, i: int) -> np.ndarray:
+        return np.frombuffer(self.reader[i][".pcm"].getbuffer(), dtype=np.int16)  # no copy
+
     def waveform(self, i: int) -> torch.Tensor:
-        sample = self.reader[i]
-        pcm = np.frombuffer(sample[".pcm"].getvalue(), dtype=np.int16)
-        return torch.from_numpy(pcm.astype(np.float32) / 32767.0)
+        return torch.from_numpy(self._pcm(i).astype(np.float32) / 32767.0)
 
     def spectrogram(self, i: int, generator=None) -> torch.Tensor:
         wave = self.waveform(i)
@@ -295,7 +296,8 @@ class ShardDataset(SpecDataset):
 
     def crop(self, i: int, generator=None) -> torch.Tensor:
         offset = None if (self.random_crop and generator is not None) else 0
-        return window_of(self.waveform(i), self.audio, offset, generator)
+        pcm = self._pcm(i)  # only the crop is converted to float
+        return torch.from_numpy(pcm[window_span(pcm.size, self.audio, offset, generator)].astype(np.float32) / 32767.0)
 
 
 def build_dataset(data: DataConfig, audio: AudioConfig, seed: int = 0) -> SpecDataset:

@@ -563,3 +563,17 @@ def test_aot_refuses_the_interpreter(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert aot.main(["--table-only"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_loader_bench_reports_every_path(tmp_path, capsys):
+    from bench import loader
+
+    assert loader.main(["--clips", "4", "--seconds", "1", "--batch", "2", "--preset", "tiny", "--out",
+                        str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*_loader.json")
+    payload = json.loads(path.read_text())
+    rates = payload["clips_per_s_per_core"]
+    assert len(rates) == 4 and all(v > 0 for v in rates.values())
+    assert payload["speedup_vs_files"]["files + CPU fbank"] == 1.0
+    assert "| shards, loader only (fbank on the device) |" in capsys.readouterr().out
+    assert loader.main(["--clips", "0"]) == 2
