@@ -164,7 +164,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     compile: bool = False
-    num_workers: int = 2
+    num_workers: int = -1  # loader processes per rank; -1: one per core of the rank's share, less one, 1..8
     log_every: int = 10
     ckpt_every: int = 1000
     keep_last: int = 3  # checkpoints kept (checkpoint-<step>.pt); 0 keeps every one
@@ -491,8 +491,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.ema_start={o.ema_start}, ema_end={o.ema_end}: need 0 <= start <= end <= 1")
     if t.impl not in IMPLS:
         raise ConfigError(f"train.impl={_short(t.impl)}; choose one of {IMPLS}")
-    if t.steps < 1 or t.batch_size < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.num_workers < 0:
-        raise ConfigError("train.steps, batch_size, log_every, ckpt_every must be >= 1 and num_workers >= 0")
+    if t.steps < 1 or t.batch_size < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.num_workers < -1:
+        raise ConfigError("train.steps, batch_size, log_every, ckpt_every must be >= 1 and num_workers >= -1 "
+                          "(-1: derived from the cores)")
     if t.keep_last < 0 or t.max_bad_steps < 1:
         raise ConfigError(f"train.keep_last={t.keep_last} must be >= 0 and train.max_bad_steps={t.max_bad_steps} >= 1")
     if t.parallel not in PARALLEL:

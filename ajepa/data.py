@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -515,6 +516,13 @@ class MaskCollator:
                      sum(1 for group in bads if group), lengths)
 
 
+def default_workers(local_world: int = 1) -> int:
+    """Loader processes per rank when train.num_workers is -1: this rank's share of the cores the
+    process may use, less one for the training loop itself, between 1 and 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, local_world) - 1))
+
+
 def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, steps: int, seed: int,
                 start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
                 strict: bool = False, waves: bool = False):
@@ -526,6 +534,7 @@ def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, ste
         batch_sampler=batches,
         collate_fn=MaskCollator(sampler),
         num_workers=num_workers,
+        prefetch_factor=4 if num_workers > 0 else None,  # batches in flight per worker
         pin_memory=pin_memory,
         persistent_workers=False,
     )

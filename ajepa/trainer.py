@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from ajepa.audio import batch_fbank
 from ajepa.checkpoint import CheckpointDir
 from ajepa.config import Config, check_world_size, save_config, to_dict
-from ajepa.data import Batch, build_dataset, make_loader
+from ajepa.data import Batch, build_dataset, default_workers, make_loader
 from ajepa.distributed import (
     DistInfo,
     allreduce,
@@ -138,8 +139,12 @@ class Trainer:
         sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, cfg.train.seed, rank=info.rank)
         frontend = cfg.audio.frontend
         self.device_fbank = frontend == "gpu" or (frontend == "auto" and self.device.type == "cuda")
+        workers = cfg.train.num_workers
+        if workers < 0:
+            workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.workers = workers
         self.loader = make_loader(dataset, sampler, cfg.train.batch_size // info.world, self.end, cfg.train.seed,
-                                  self.start, cfg.train.num_workers, info.rank, info.world,
+                                  self.start, workers, info.rank, info.world,
                                   pin_memory=self.device.type == "cuda", strict=cfg.data.strict,
                                   waves=self.device_fbank)
         self.metrics = MetricsLog(self.out, fresh=not resume) if info.is_main else None
@@ -302,7 +307,7 @@ class Trainer:
             self.warned_input_bound = True
             log.warning("input-bound: the step waited for data %.0f%% of the time up to step %d; more loader workers "
                         "(--workers, now %d) or a cheaper input pipeline would speed this run up",
-                        100 * wait, done, self.cfg.train.num_workers)
+                        100 * wait, done, self.workers)
         self.t_log, self.n_log, self.data_wait = now, 0, 0.0
 
     def save(self, done: int) -> None:

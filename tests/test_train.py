@@ -87,3 +87,13 @@ def test_the_device_frontend_trains_like_the_per_clip_one(tmp_path):
     per_clip = train(apply_overrides(cfg, ["audio.frontend=cpu"]), tmp_path / "cpu", progress=False)
     batched = train(apply_overrides(cfg, ["audio.frontend=gpu"]), tmp_path / "gpu", progress=False)
     torch.testing.assert_close([v for _, v in batched.losses], [v for _, v in per_clip.losses], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("cores,local_world,workers", [(2, 1, 1), (16, 1, 8), (16, 2, 7), (16, 8, 1), (64, 4, 8)])
+def test_default_worker_count_follows_the_cores_per_rank(monkeypatch, cores, local_world, workers):
+    import os
+
+    from ajepa.data import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers(local_world) == workers

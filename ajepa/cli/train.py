@@ -180,7 +180,8 @@ def add_commands(sub) -> None:
                    help="kernel path: auto (Triton on CUDA, reference on CPU), triton, or reference (train.impl)")
     add_device_flag(p, None, "train.device")
     p.add_argument("--seed", type=int, default=None, help="seed for init, data order and masks (train.seed)")
-    p.add_argument("--workers", type=int, default=None, help="data loader worker processes (train.num_workers)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader worker processes; -1: derived from the cores (train.num_workers)")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile (train.compile)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest complete checkpoint, with its saved config.yaml; "
