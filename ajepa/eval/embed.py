@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ajepa.audio import file_to_spec, normalize, waveform_to_spec
+from ajepa.audio import crop_or_pad, fbank, file_to_spec, normalize, resample, waveform_to_spec
 from ajepa.checkpoint import FORMAT_VERSION, load_checkpoint
 from ajepa.config import Config, from_dict, get_preset, to_dict
 from ajepa.model.vit import ViTEncoder
@@ -211,6 +211,66 @@ class Encoder(nn.Module):
             return torch.zeros(shape)
         return torch.cat(out)
 
+    # ------------------------------------------------------------------ whole clips
+
+    def _windows(self, waveform, sample_rate: int, hop_frames: int | None) -> tuple[torch.Tensor, list[int], int]:
+        """A whole clip as windows of target_frames frames every `hop_frames` (default: target_frames,
+        back to back), the last one zero-padded: (normalized specs [W, 1, T, M], window starts, frames)."""
+        a, p = self.cfg.audio, self.cfg.model.patch_size
+        hop = a.target_frames if hop_frames is None else hop_frames
+        if not 0 < hop <= a.target_frames or hop % p:
+            raise ValueError(f"hop_frames={hop_frames}: must be a multiple of the patch size {p} "
+                             f"in {p}..{a.target_frames}")
+        wave = torch.as_tensor(waveform).detach().float().cpu()
+        if wave.dim() != 1 or wave.numel() == 0:
+            raise ValueError(f"waveform must be [S] with S > 0, got shape {tuple(wave.shape)}")
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+        spec = fbank(resample(wave, sample_rate, a.sample_rate), a)  # [F, M], the whole clip
+        starts = list(range(0, max(1, spec.shape[0] - a.target_frames + hop), hop))
+        specs = torch.stack([normalize(crop_or_pad(spec[s:], a.target_frames), a) for s in starts])
+        return specs.unsqueeze(1), starts, spec.shape[0]
+
+    @torch.no_grad()
+    def embed_clip(self, waveform, sample_rate: int, hop_frames: int | None = None, amp: bool = True) -> torch.Tensor:
+        """A whole clip [S] at any rate -> [D]: the mean over its windows of each window's mean over the
+        tokens that hold audio (padding left out)."""
+        specs, _, _ = self._windows(waveform, sample_rate, hop_frames)
+        return self.embed_spec(specs, "mean", amp).mean(dim=0)
+
+    @torch.no_grad()
+    def frames(self, waveform, sample_rate: int, hop_frames: int | None = None,
+               amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole clip [S] at any rate -> (features [C, D], centre times in ms [C]): one vector per patch
+        column (patch_size frames: 160 ms at 16 x 10 ms), the mean over its frequency patches, stitched
+        across windows with no gap and no duplicate (each column from the last window that starts at or
+        before it), up to the clip's last frame."""
+        specs, starts, total = self._windows(waveform, sample_rate, hop_frames)
+        tokens = self.embed_spec(specs, "none", amp)  # [W, N, D]
+        gt, gf = self.cfg.grid
+        columns = tokens.reshape(len(starts), gt, gf, -1).mean(dim=2)  # [W, Gt, D]
+        p = self.cfg.model.patch_size
+        count = -(-total // p)  # columns that hold at least one frame of the clip
+        owner = [max(w for w, s in enumerate(starts) if s <= c * p) for c in range(count)]
+        feats = torch.stack([columns[w, c - starts[w] // p] for c, w in enumerate(owner)])
+        times = (torch.arange(count, dtype=torch.float64) * p + p / 2) * self.cfg.audio.frame_shift_ms
+        return feats, times.float()
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """A folder in the layout Hugging Face tooling expects, offline: config.json + model.safetensors."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"kind": SAFETENSORS_KIND, "format_version": FORMAT_VERSION,
+                                                        "config": to_dict(self.cfg)}, indent=2))
+        self.save_safetensors(folder / "model.safetensors")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Encoder:
+        return load_encoder(folder, device=device)
+
     def save_safetensors(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the encoder's weights as safetensors, with its config as JSON metadata."""
         from safetensors.torch import save_file
@@ -255,6 +315,10 @@ def load_encoder(checkpoint: str | Path, which: str = "target", device: str | to
     """An Encoder from a training checkpoint (.pt; `which` = "target" (EMA, default) or "context")
     or from an exported .safetensors file. Returned in eval mode with gradients off."""
     path = Path(checkpoint)
+    if path.is_dir():  # save_pretrained's folder
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors (a save_pretrained folder holds it)")
+        path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"encoder export not found: {path}")
@@ -295,6 +359,10 @@ def encoder_for(
     if checkpoint is None:
         raise ValueError("--random-init needs --preset (or --checkpoint, whose shape it copies)")
     path = Path(checkpoint)
+    if path.is_dir():  # save_pretrained's folder
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors (a save_pretrained folder holds it)")
+        path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"encoder export not found: {path}")
