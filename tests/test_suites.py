@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ajepa.hear as hear
+from ajepa.audio import waveform_to_spec
 from ajepa.config import get_preset
 from ajepa.data import synth_clip
 from ajepa.eval.embed import load_encoder, random_encoder
@@ -49,9 +50,11 @@ def test_a_long_clip_is_judged_by_all_of_it(exported):
     late, silent = _late_sound(), torch.zeros(60 * SR)
     scene = hear.get_scene_embeddings(torch.stack([late, silent]), model)
     gap = (scene[0] - scene[1]).norm() / scene[1].norm()
-    first_crop = model.encoder.embed(torch.stack([late, silent]), SR)  # the first 2.56 s only, as before
-    assert torch.equal(first_crop[0], first_crop[1])  # silence both: a first-crop embedding cannot tell them apart
+    enc = model.encoder
+    first_crop = enc.embed_spec(torch.stack([waveform_to_spec(w, SR, enc.cfg.audio) for w in (late, silent)]))
+    assert torch.equal(first_crop[0], first_crop[1])  # silence both: the first 2.56 s cannot tell them apart
     assert gap > 0.02, gap  # measured 0.043 for this (untrained) encoder: 8 of 24 windows hold sound
+    torch.testing.assert_close(enc.embed(torch.stack([late, silent]), SR), scene)  # embed covers whole clips too
     emb, ts = hear.get_timestamp_embeddings(torch.stack([late, silent]), model)
     diff = (emb[0] - emb[1]).norm(dim=-1) / emb[1].norm(dim=-1)  # per 160 ms column
     # the windows before the sound are pure silence in both clips (the window holding 40 s is mixed)

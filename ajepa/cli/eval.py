@@ -89,7 +89,10 @@ def cmd_embed(args) -> int:
         raise ValueError(f"--out {args.out}: embeddings are written as .npz; give a path ending in .npz")
     enc = _encoder(args)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
-    feats = dataset_features(enc, ds, args.batch_size, not args.no_progress, args.pooling)
+    if getattr(ds, "paths", None) is not None and args.pooling != "none":  # whole files, every window
+        feats = enc.embed_files(ds.paths, args.batch_size, args.pooling, progress=not args.no_progress)
+    else:
+        feats = dataset_features(enc, ds, args.batch_size, not args.no_progress, args.pooling)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         args.out,

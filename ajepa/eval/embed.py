@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ajepa.audio import crop_or_pad, fbank, file_to_spec, normalize, resample, waveform_to_spec
+from ajepa.audio import crop_or_pad, fbank, file_to_spec, load_audio, normalize, resample, waveform_to_spec
 from ajepa.checkpoint import FORMAT_VERSION, load_checkpoint
 from ajepa.config import Config, from_dict, get_preset, to_dict
 from ajepa.model.vit import ViTEncoder
@@ -152,8 +152,8 @@ class Encoder(nn.Module):
         """Audio [S] or [B, S] at any sample rate -> [B, D] (pooling="mean": over the clip's own audio,
         "mean_all": over every token) or [B, N, D] ("none").
 
-        Each clip is resampled, turned into a log-mel spectrogram, then cropped from its start or
-        zero-padded to the encoder's input length (cfg.audio.target_frames)."""
+        Pooled embeddings cover the whole clip (`embed_clip`: windows of cfg.audio.target_frames back to
+        back, the last padded, the mean over windows); the token map ("none") is the first window's."""
         wave = torch.as_tensor(waveform)
         if wave.dim() == 1:
             wave = wave.unsqueeze(0)
@@ -162,6 +162,8 @@ class Encoder(nn.Module):
         if not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
         wave = wave.detach().float().cpu()
+        if pooling in ("mean", "mean_all"):
+            return torch.stack([self.embed_clip(w, sample_rate, amp=amp, pooling=pooling) for w in wave])
         spec = torch.stack([waveform_to_spec(w, sample_rate, self.cfg.audio) for w in wave]).unsqueeze(1)
         return self.embed_spec(spec, pooling, amp)
 
@@ -174,7 +176,14 @@ class Encoder(nn.Module):
         amp: bool = True,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Embed audio files in batches: [len(paths), D] (or [len(paths), N, D])."""
+        """Embed audio files: [len(paths), D], each over the whole file (see `embed`), or the first
+        window's token maps [len(paths), N, D] in batches (pooling "none")."""
+        if pooling in ("mean", "mean_all"):
+            from tqdm import tqdm
+
+            return torch.stack([self.embed_clip(*load_audio(p), amp=amp, pooling=pooling).cpu()
+                                for p in tqdm(paths, desc="embed", disable=not progress, unit="file")]
+                               ) if len(paths) else torch.zeros(0, self.dim)
         return self.embed_specs(
             (file_to_spec(p, self.cfg.audio) for p in paths), len(paths), batch_size, pooling, amp, progress
         )
@@ -232,11 +241,14 @@ class Encoder(nn.Module):
         return specs.unsqueeze(1), starts, spec.shape[0]
 
     @torch.no_grad()
-    def embed_clip(self, waveform, sample_rate: int, hop_frames: int | None = None, amp: bool = True) -> torch.Tensor:
+    def embed_clip(self, waveform, sample_rate: int, hop_frames: int | None = None, amp: bool = True,
+                   pooling: str = "mean") -> torch.Tensor:
         """A whole clip [S] at any rate -> [D]: the mean over its windows of each window's mean over the
-        tokens that hold audio (padding left out)."""
+        tokens that hold audio (pooling "mean"; padding left out) or over every token ("mean_all")."""
+        if pooling not in ("mean", "mean_all"):
+            raise ValueError(f"pooling={pooling!r}: a whole clip pools with mean or mean_all")
         specs, _, _ = self._windows(waveform, sample_rate, hop_frames)
-        return self.embed_spec(specs, "mean", amp).mean(dim=0)
+        return self.embed_spec(specs, pooling, amp).mean(dim=0)
 
     @torch.no_grad()
     def frames(self, waveform, sample_rate: int, hop_frames: int | None = None,
