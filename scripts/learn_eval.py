@@ -6,7 +6,8 @@ For each encoder: linear-probe accuracy of mean-pooled target-encoder features (
 `ajepa probe`: padding-aware mean, stratified 70/30 split, split seed 0; also the mean over split
 seeds 0-2, and acc_mean_all: the mean over every token, the old pooling), and the
 health statistics of its token features over the probe clips (RankMe, mean per-dimension std,
-pos_share), and rankme_audio: RankMe over the tokens that hold audio only. One JSON line per encoder goes to stdout and to --log.
+pos_share), and rankme_audio: RankMe over the tokens that hold audio only. One JSON line per encoder goes to
+stdout and to --log.
 """
 
 from __future__ import annotations

@@ -137,14 +137,16 @@ def test_recipe_options_change_the_loss_and_train():
         m = AJEPA(_tiny(*ov), impl="reference")
         m.load_state_dict(base.state_dict())
         loss = m(spec, masks)
-        assert torch.isfinite(loss) and abs(float(loss) - float(ref)) > 1e-4, ov
+        assert torch.isfinite(loss) and abs(loss.item() - ref.item()) > 1e-4, ov
         loss.backward()
         assert all(p.grad is not None for p in m.encoder.blocks[0].parameters()), ov
 
 
 def test_recipe_config_validation():
-    for bad, field in (("model.target_norm=foo", "model.target_norm"), ("model.target_layers=0", "model.target_layers"),
-                       ("model.target_layers=9", "model.target_layers"), ("model.sigreg_weight=-1", "model.sigreg_weight"),
+    for bad, field in (("model.target_norm=foo", "model.target_norm"),
+                       ("model.target_layers=0", "model.target_layers"),
+                       ("model.target_layers=9", "model.target_layers"),
+                       ("model.sigreg_weight=-1", "model.sigreg_weight"),
                        ("model.sigreg_weight=nan", "model.sigreg_weight"),
                        ("model.sigreg_projections=0", "model.sigreg_projections"),
                        ("model.sigreg_content=maybe", "model.sigreg_content")):

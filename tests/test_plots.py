@@ -62,7 +62,8 @@ def test_plot_run_draws_every_curve(tmp_path):
     blue = np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1  # matplotlib's C0 line color
     h, w = blue.shape
     rows = 4  # seven curves, two per row
-    panels = [blue[r * h // rows : (r + 1) * h // rows, c * w // 2 : (c + 1) * w // 2] for r in range(rows) for c in (0, 1)]
+    panels = [blue[r * h // rows : (r + 1) * h // rows, c * w // 2 : (c + 1) * w // 2]
+              for r in range(rows) for c in (0, 1)]
     assert all(p.sum() > 200 for p in panels[:7])
     assert panels[7].sum() == 0  # the eighth slot stays empty
 

@@ -28,7 +28,8 @@ def test_plan_is_deterministic_and_keeps_probe_words_and_voices_apart():
         plan(0, 5, 1, words=("yes", "the"))
 
 
-@pytest.mark.skipif(bool(missing_tools()), reason=f"needs {' and '.join(missing_tools())} (apt-get install -y espeak-ng sox)")
+@pytest.mark.skipif(bool(missing_tools()),
+                    reason=f"needs {' and '.join(missing_tools())} (apt-get install -y espeak-ng sox)")
 def test_speech_benchmark_synthesizes_a_probe_ready_folder(tmp_path):
     import soundfile as sf
 

@@ -90,7 +90,8 @@ class CollapseWatch:
 
     def __init__(self, min_rankme: float = 2.0, rank_drop: float = 0.25, min_std: float = 1e-3,
                  max_pos_share: float = 0.9):
-        self.min_rankme, self.rank_drop, self.min_std, self.max_pos_share = min_rankme, rank_drop, min_std, max_pos_share
+        self.min_rankme, self.rank_drop = min_rankme, rank_drop
+        self.min_std, self.max_pos_share = min_std, max_pos_share
         self.first_rankme: float | None = None
         self.warned = False
 
