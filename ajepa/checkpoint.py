@@ -14,7 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -26,14 +28,15 @@ _NUMPY_SAFE = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.d
 TRAINING_KEYS = ("step", "config", "model", "optimizer")
 
 
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write `state` to `path` atomically: a reader sees the old file or the new one, never half."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(fh)` on a temporary file beside `path`, then rename it into place: a reader sees the
+    old file or the new one, never half. The temporary file is removed if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -42,6 +45,11 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write `state` to `path` atomically (`atomic_write`)."""
+    return atomic_write(path, lambda fh: torch.save({"format_version": FORMAT_VERSION, **state}, fh))
 
 
 def _fsync_dir(folder: Path) -> None:

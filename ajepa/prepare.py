@@ -15,8 +15,6 @@ original paths, total hours and the bad files with their reasons) is written las
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ajepa.audio import AudioError, load_audio, resample
+from ajepa.checkpoint import atomic_write
 from ajepa.config import AudioConfig
 from ajepa.data import AUDIO_EXTENSIONS, SHARD_FORMAT, SHARD_INDEX, SHARD_VERSION, printable, read_manifest, scan_folder
 
@@ -36,19 +35,6 @@ class ShardInfo:
     paths: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_corpus(data: str | Path) -> tuple[list[Path], list[str | None]]:
@@ -70,34 +56,31 @@ def write_shard(out: Path, k: int, paths: list[Path], labels: list[str | None], 
 
     name = f"shard-{k:06d}.tar"
     info = ShardInfo(url=name, nsamples=0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = wds.TarWriter(fh)
-            for path, label in zip(paths, labels):
-                try:
-                    wave, sr = load_audio(path)
-                    if wave.numel() == 0:
-                        raise AudioError("empty waveform (0 samples)")
-                    if not bool(wave.isfinite().all()):
-                        raise AudioError("waveform holds NaN or Inf samples")
-                    wave = resample(wave, sr, cfg.sample_rate)
-                except (AudioError, RuntimeError, ValueError, OSError) as exc:
-                    info.bad.append((printable(path), printable(str(exc).removeprefix(f"{path}: "))))
-                    continue
-                pcm = (wave.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy()
-                writer.write({"__key__": f"{info.nsamples:08d}", "pcm": pcm.tobytes(),
-                              "json": {"label": label, "path": str(path), "sample_rate": cfg.sample_rate}})
-                info.nsamples += 1
-                info.labels.append(label)
-                info.paths.append(str(path))
-                info.seconds += pcm.size / cfg.sample_rate
-            writer.close()
-        os.replace(tmp, out / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _atomic_write(out / f"{name}.json", json.dumps(asdict(info)).encode())
+
+    def write(fh) -> None:
+        writer = wds.TarWriter(fh)
+        for path, label in zip(paths, labels):
+            try:
+                wave, sr = load_audio(path)
+                if wave.numel() == 0:
+                    raise AudioError("empty waveform (0 samples)")
+                if not bool(wave.isfinite().all()):
+                    raise AudioError("waveform holds NaN or Inf samples")
+                wave = resample(wave, sr, cfg.sample_rate)
+            except (AudioError, RuntimeError, ValueError, OSError) as exc:
+                info.bad.append((printable(path), printable(str(exc).removeprefix(f"{path}: "))))
+                continue
+            pcm = (wave.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy()
+            writer.write({"__key__": f"{info.nsamples:08d}", "pcm": pcm.tobytes(),
+                          "json": {"label": label, "path": str(path), "sample_rate": cfg.sample_rate}})
+            info.nsamples += 1
+            info.labels.append(label)
+            info.paths.append(str(path))
+            info.seconds += pcm.size / cfg.sample_rate
+        writer.close()
+
+    atomic_write(out / name, write)
+    atomic_write(out / f"{name}.json", lambda fh: fh.write(json.dumps(asdict(info)).encode()))
     return info
 
 
@@ -153,5 +136,5 @@ def prepare(data: str | Path, out: str | Path, cfg: AudioConfig, shard_size: int
     }
     if index["total_clips"] == 0:
         raise ValueError(f"--data {data}: no readable audio file ({len(index['bad_files'])} bad)")
-    _atomic_write(out / SHARD_INDEX, json.dumps(index).encode())
+    atomic_write(out / SHARD_INDEX, lambda fh: fh.write(json.dumps(index).encode()))
     return index

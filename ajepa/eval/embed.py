@@ -323,14 +323,20 @@ def _load_safetensors(path: Path) -> tuple[Config, dict]:
     return cfg, {k.removeprefix("vit."): v for k, v in weights.items()}
 
 
-def load_encoder(checkpoint: str | Path, which: str = "target", device: str | torch.device = "cpu") -> Encoder:
-    """An Encoder from a training checkpoint (.pt; `which` = "target" (EMA, default) or "context")
-    or from an exported .safetensors file. Returned in eval mode with gradients off."""
+def _model_file(checkpoint: str | Path) -> Path:
+    """The file behind `checkpoint`: itself, or a save_pretrained folder's model.safetensors."""
     path = Path(checkpoint)
-    if path.is_dir():  # save_pretrained's folder
+    if path.is_dir():
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path}: no model.safetensors (a save_pretrained folder holds it)")
         path = path / "model.safetensors"
+    return path
+
+
+def load_encoder(checkpoint: str | Path, which: str = "target", device: str | torch.device = "cpu") -> Encoder:
+    """An Encoder from a training checkpoint (.pt; `which` = "target" (EMA, default) or "context")
+    or from an exported .safetensors file. Returned in eval mode with gradients off."""
+    path = _model_file(checkpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"encoder export not found: {path}")
@@ -370,11 +376,7 @@ def encoder_for(
         return random_encoder(get_preset(preset), seed, device)
     if checkpoint is None:
         raise ValueError("--random-init needs --preset (or --checkpoint, whose shape it copies)")
-    path = Path(checkpoint)
-    if path.is_dir():  # save_pretrained's folder
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path}: no model.safetensors (a save_pretrained folder holds it)")
-        path = path / "model.safetensors"
+    path = _model_file(checkpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"encoder export not found: {path}")
