@@ -40,6 +40,8 @@ class ShardInfo:
 def list_corpus(data: str | Path) -> tuple[list[Path], list[str | None]]:
     """The files (sorted) and labels of an audio folder or a .csv/.jsonl manifest."""
     data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
     if data.is_dir():
         paths, labels = scan_folder(data)
         if not paths:

@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_from_args(args)
     except ValueError as exc:  # bad options or config overrides (ConfigError is a ValueError)
-        print(f"bench.step: error: {exc}", file=sys.stderr)
+        print(f"ajepa bench: error: {exc}", file=sys.stderr)
         return 2
 
 
