@@ -99,3 +99,16 @@ def test_xares_encoder(exported):
     wav = torch.stack([torch.from_numpy(synth_clip(i, 3.0, SR)[0]) for i in range(2)])
     out = enc(wav)
     assert out.shape == (2, -(-298 // 16), 192) and torch.isfinite(out).all()
+
+
+def test_long_clips_run_in_bounded_window_batches(exported, monkeypatch):
+    import ajepa.eval.embed as embed_mod
+
+    enc = load_encoder(exported)
+    wave = _late_sound(30.0, 10.0)
+    whole, frames = enc.embed_clip(wave, SR), enc.frames(wave, SR)[0]
+    monkeypatch.setattr(embed_mod, "WINDOW_BATCH", 3)  # 12 windows in 4 passes
+    torch.testing.assert_close(enc.embed_clip(wave, SR), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc.frames(wave, SR)[0], frames, rtol=1e-5, atol=1e-6)
+    overlapped = enc.embed(wave, SR, hop_frames=64)
+    assert overlapped.shape == (1, enc.dim) and not torch.allclose(overlapped[0], whole)

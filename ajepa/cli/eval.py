@@ -90,7 +90,8 @@ def cmd_embed(args) -> int:
     enc = _encoder(args)
     ds = _dataset(enc, args.data, args.clips, args.corpus_seed)
     if getattr(ds, "paths", None) is not None and args.pooling != "none":  # whole files, every window
-        feats = enc.embed_files(ds.paths, args.batch_size, args.pooling, progress=not args.no_progress)
+        feats = enc.embed_files(ds.paths, args.batch_size, args.pooling, progress=not args.no_progress,
+                                hop_frames=args.hop_frames)
     else:
         feats = dataset_features(enc, ds, args.batch_size, not args.no_progress, args.pooling)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +266,9 @@ def add_commands(sub) -> None:
         help="mean (default): over the patches holding the clip's own audio, not its zero-padding; "
         "mean_all: over every patch (the old behaviour); none: [N, D] per clip"
     )
+    p.add_argument("--hop-frames", type=int, default=None,
+                   help="whole files are embedded in windows of audio.target_frames every this many frames "
+                        "(a multiple of the patch size; default: back to back)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser(

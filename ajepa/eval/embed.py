@@ -24,6 +24,7 @@ from ajepa.config import Config, from_dict, get_preset, to_dict
 from ajepa.model.vit import ViTEncoder
 
 WHICH = ("target", "context")
+WINDOW_BATCH = 32  # windows of one clip per forward pass
 POOLINGS = ("mean", "mean_all", "none")
 SAFETENSORS_KIND = "ajepa-encoder"
 
@@ -148,7 +149,8 @@ class Encoder(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def embed(self, waveform, sample_rate: int, pooling: str = "mean", amp: bool = True) -> torch.Tensor:
+    def embed(self, waveform, sample_rate: int, pooling: str = "mean", amp: bool = True,
+              hop_frames: int | None = None) -> torch.Tensor:
         """Audio [S] or [B, S] at any sample rate -> [B, D] (pooling="mean": over the clip's own audio,
         "mean_all": over every token) or [B, N, D] ("none").
 
@@ -163,7 +165,7 @@ class Encoder(nn.Module):
             raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
         wave = wave.detach().float().cpu()
         if pooling in ("mean", "mean_all"):
-            return torch.stack([self.embed_clip(w, sample_rate, amp=amp, pooling=pooling) for w in wave])
+            return torch.stack([self.embed_clip(w, sample_rate, hop_frames, amp, pooling) for w in wave])
         spec = torch.stack([waveform_to_spec(w, sample_rate, self.cfg.audio) for w in wave]).unsqueeze(1)
         return self.embed_spec(spec, pooling, amp)
 
@@ -175,13 +177,14 @@ class Encoder(nn.Module):
         pooling: str = "mean",
         amp: bool = True,
         progress: bool = False,
+        hop_frames: int | None = None,
     ) -> torch.Tensor:
         """Embed audio files: [len(paths), D], each over the whole file (see `embed`), or the first
         window's token maps [len(paths), N, D] in batches (pooling "none")."""
         if pooling in ("mean", "mean_all"):
             from tqdm import tqdm
 
-            return torch.stack([self.embed_clip(*load_audio(p), amp=amp, pooling=pooling).cpu()
+            return torch.stack([self.embed_clip(*load_audio(p), hop_frames, amp, pooling).cpu()
                                 for p in tqdm(paths, desc="embed", disable=not progress, unit="file")]
                                ) if len(paths) else torch.zeros(0, self.dim)
         return self.embed_specs(
@@ -248,7 +251,13 @@ class Encoder(nn.Module):
         if pooling not in ("mean", "mean_all"):
             raise ValueError(f"pooling={pooling!r}: a whole clip pools with mean or mean_all")
         specs, _, _ = self._windows(waveform, sample_rate, hop_frames)
-        return self.embed_spec(specs, pooling, amp).mean(dim=0)
+        return self._embed_windows(specs, pooling, amp).mean(dim=0)
+
+    def _embed_windows(self, specs: torch.Tensor, pooling: str, amp: bool) -> torch.Tensor:
+        """embed_spec over a clip's windows, WINDOW_BATCH at a time: memory stays bounded for long audio
+        (20 minutes are 118 windows of 10.24 s)."""
+        return torch.cat([self.embed_spec(specs[i : i + WINDOW_BATCH], pooling, amp)
+                          for i in range(0, specs.shape[0], WINDOW_BATCH)])
 
     @torch.no_grad()
     def frames(self, waveform, sample_rate: int, hop_frames: int | None = None,
@@ -258,7 +267,7 @@ class Encoder(nn.Module):
         across windows with no gap and no duplicate (each column from the last window that starts at or
         before it), up to the clip's last frame."""
         specs, starts, total = self._windows(waveform, sample_rate, hop_frames)
-        tokens = self.embed_spec(specs, "none", amp)  # [W, N, D]
+        tokens = self._embed_windows(specs, "none", amp)  # [W, N, D]
         gt, gf = self.cfg.grid
         columns = tokens.reshape(len(starts), gt, gf, -1).mean(dim=2)  # [W, Gt, D]
         p = self.cfg.model.patch_size
