@@ -10,7 +10,8 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -408,8 +409,10 @@ class StepDataset(torch.utils.data.Dataset):
             return None
 
     def __getitem__(self, key: tuple[int, int]):
+        """(spectrogram or waveform, label, step, bad clips, seconds spent), or a LoaderFailure."""
+        t0 = time.perf_counter()
         try:
-            return self._item(key)
+            return (*self._item(key), time.perf_counter() - t0)
         except AudioError as exc:  # reaches the main process as one line (see LoaderFailure)
             return LoaderFailure(exc)
 
@@ -461,6 +464,7 @@ class Batch:
     skipped: int = 0  # samples of this batch that were replaced because their clip was bad
     lengths: torch.Tensor | None = None  # int64 [B]: `spec` holds padded waveforms [B, S] (audio.frontend)
     error: BaseException | None = None  # a user error met in the loader worker: raise it in the main process
+    load_s: float = 0.0  # seconds the loader spent building this batch (read, decode, fbank, masks)
 
     @classmethod
     def failed(cls, error: BaseException) -> Batch:
@@ -470,24 +474,20 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> Batch:
         if self.error is not None:
             return self
-        count = self.target_count
-        return Batch(
-            self.spec.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.step,
-            self.masks.to(device, non_blocking=non_blocking),
-            None if count is None else count.to(device, non_blocking=non_blocking),
-            self.bad,
-            self.skipped,
-            None if self.lengths is None else self.lengths.to(device, non_blocking=non_blocking),
-        )
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return replace(self, spec=move(self.spec), labels=move(self.labels), masks=self.masks.to(device, non_blocking),
+                       target_count=move(self.target_count), lengths=move(self.lengths))
 
     def pin_memory(self) -> Batch:
         if self.error is not None:
             return self
-        count = None if self.target_count is None else self.target_count.pin_memory()
-        return Batch(self.spec.pin_memory(), self.labels.pin_memory(), self.step, self.masks.pin_memory(),
-                     count, self.bad, self.skipped, None if self.lengths is None else self.lengths.pin_memory())
+
+        def pin(t):
+            return None if t is None else t.pin_memory()
+        return replace(self, spec=pin(self.spec), labels=pin(self.labels), masks=self.masks.pin_memory(),
+                       target_count=pin(self.target_count), lengths=pin(self.lengths))
 
 
 class MaskCollator:
@@ -500,7 +500,8 @@ class MaskCollator:
         failed = [item.error for item in items if isinstance(item, LoaderFailure)]
         if failed:
             return Batch.failed(failed[0])
-        specs, labels, steps, bads = zip(*items)
+        t0 = time.perf_counter()
+        specs, labels, steps, bads, seconds = zip(*items)
         step = steps[0]
         try:
             masks = self.sampler(step, len(items))
@@ -513,7 +514,7 @@ class MaskCollator:
             lengths = torch.tensor([w.numel() for w in specs], dtype=torch.long)
             specs = [torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in specs]
         return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
-                     sum(1 for group in bads if group), lengths)
+                     sum(1 for group in bads if group), lengths, load_s=sum(seconds) + time.perf_counter() - t0)
 
 
 def default_workers(local_world: int = 1) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ CURVES = (
     ("loss", "loss", True),
     ("lr", "learning rate", True),
     ("momentum", "EMA momentum", False),
-    ("samples_per_s", "samples / s", False),
+    (("samples_per_s", "loader_clips_per_s"), "samples / s: the step's vs what the loader delivers", False),
+    ("data_wait", "share of step time waiting for data", False),
     ("rankme", "RankMe of target features (effective rank)", False),
     ("feat_std", "target features: mean per-dimension std", False),
     ("pos_share", "target-feature variance share that is patch position", False),
@@ -152,15 +154,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(rows_n, 2, figsize=(10, 3.2 * rows_n))
     for ax in axes.flat[len(CURVES):]:
         ax.set_visible(False)
-    for ax, (key, label, log) in zip(axes.flat, CURVES):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker="." if len(pts) < 40 else None, color="C0")
-            if log and min(y) > 0:
+    for ax, (keys, label, log) in zip(axes.flat, CURVES):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        drawn = []
+        for color, key in enumerate(keys):
+            pts = [(r["step"], r[key]) for r in rows
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="." if len(pts) < 40 else None, color=f"C{color}", label=key)
+                drawn.append(min(y))
+        if drawn:
+            if log and min(drawn) > 0:
                 ax.set_yscale("log")
+            if len(keys) > 1:
+                ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, f"no '{keys[0]}' logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -181,6 +181,7 @@ class Trainer:
         self.t_start = self.t_log = time.perf_counter()
         self.n_log, self.stopped_by, step = 0, None, self.start
         self.data_wait, self.warned_input_bound = 0.0, False
+        self.loader_s, self.loader_clips = 0.0, 0  # loader work in this log window (see Batch.load_s)
         self.watch = CollapseWatch()
         bar = tqdm(total=self.end, initial=self.start, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and self.info.is_main))
@@ -193,6 +194,8 @@ class Trainer:
                     batches = iter(self.loader)
                 while (batch := self._next_batch(batches)) is not None:
                     step = self._note_bad_audio(batch).step
+                    self.loader_s += batch.load_s
+                    self.loader_clips += batch.labels.numel()
                     batch = self._on_device(batch)
                     stats = self.step_fn(batch.spec, batch.masks, step, batch.target_count)
                     self.device_counters.add(stats)
@@ -291,6 +294,10 @@ class Trainer:
         mean_loss = loss_sum / n_good if n_good > 0 else math.nan
         sps = self.n_log * self.cfg.train.batch_size / (now - self.t_log)
         wait = min(1.0, self.data_wait / max(now - self.t_log, 1e-9))  # share of wall time spent waiting for data
+        # What this rank's loader could deliver: clips per second of worker time, times the workers that run
+        # in parallel. Below the step's appetite (samples_per_s / world) the run is input-bound.
+        per_worker = self.loader_clips / self.loader_s if self.loader_s > 0 else math.nan
+        loader = per_worker * max(1, self.workers)
         self.losses.append((done, mean_loss))
         if self.metrics is not None:
             c = self.counters
@@ -298,17 +305,20 @@ class Trainer:
                 "step": done, "loss": mean_loss if n_good > 0 else None, "lr": stats.lr, "wd": stats.wd,
                 "momentum": stats.tau, "samples_per_s": sps, "tf_masks": batch.masks.use_tf,
                 "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "bad_files": c["bad_files"],
-                "data_wait": wait, **health,
+                "data_wait": wait, "loader_clips_per_s": loader, "loader_clips_per_s_worker": per_worker, **health,
             })
         bar.set_postfix(loss=f"{mean_loss:.4f}", rankme=f"{health['rankme']:.1f}", std=f"{health['feat_std']:.2f}",
                         pos=f"{health['pos_share']:.2f}", lr=f"{stats.lr:.2e}", m=f"{stats.tau:.4f}",
-                        sps=f"{sps:.1f}", wait=f"{wait:.0%}")
+                        sps=f"{sps:.1f}", wait=f"{wait:.0%}", load=f"{loader:.0f}/s")
         if wait > INPUT_BOUND and done > self.cfg.train.log_every and not self.warned_input_bound and self.info.is_main:
             self.warned_input_bound = True
-            log.warning("input-bound: the step waited for data %.0f%% of the time up to step %d; more loader workers "
-                        "(--workers, now %d) or a cheaper input pipeline would speed this run up",
-                        100 * wait, done, self.workers)
+            log.warning("input-bound: the step waited for data %.0f%% of the time up to step %d: the loader delivers "
+                        "about %.0f clips/s (%d workers x %.0f) and the step takes %.0f; more loader workers "
+                        "(--workers), shards from `ajepa prepare` or the device fbank (audio.frontend=gpu) would "
+                        "speed this run up", 100 * wait, done, loader, max(1, self.workers), per_worker,
+                        sps / self.info.world)
         self.t_log, self.n_log, self.data_wait = now, 0, 0.0
+        self.loader_s, self.loader_clips = 0.0, 0
 
     def save(self, done: int) -> None:
         """Write the step-`done` checkpoint (rank 0; a collective under FSDP, so every rank calls it)."""

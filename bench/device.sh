@@ -8,7 +8,10 @@
 #   4. kernel benchmarks: gather + EMA, then attention (FlexAttention last)
 #   5. the end-to-end step benchmark (tiny + base, reference + triton, bf16, with a kernel profile),
 #      then the fused path again at base B=64, the batch the reference path fits
-#   6. one merged JSON and the Markdown table, printed last
+#   6. the input pipeline: a base-preset corpus written here (ajepa synth, ajepa prepare), the per-core
+#      loader paths (bench.loader), and the base step end to end from the shards beside the
+#      synthetic-input step (bench.e2e, issue #15's 95% / 5% targets)
+#   7. one merged JSON and the Markdown table, printed last
 # Run from anywhere: `bash bench/device.sh`. Runs from the source tree (PYTHONPATH=., no pip install).
 # Output goes to $OUT when set (the device machine's return folder), else bench/results/:
 #   device.log, the tile table, one JSON per benchmark section, the merged *_all.json and
@@ -89,6 +92,12 @@ section bench-attention 115 "$PY" -m pytest -q -p no:cacheprovider bench/test_at
 section bench-step 105 "$PY" -m bench.step --no-progress --profile-steps 3
 # the fused path at the batch the reference path fits (it runs out of memory at base B=128)
 section bench-step-b64 40 "$PY" -m bench.step --no-progress --preset base --batch-size 64 --impl triton
+# the input pipeline (issue #15): the corpus is written here, so the run needs nothing from outside
+E2E=/tmp/ajepa-e2e
+section bench-loader 60 "$PY" -m bench.loader
+section bench-e2e 150 bash -c "rm -rf $E2E && $PY -m ajepa.cli synth --out $E2E/audio --clips 512 --preset base \
+    --no-progress && $PY -m ajepa.cli prepare --data $E2E/audio --out $E2E/shards --workers 8 --no-progress \
+    && $PY -m bench.e2e --data $E2E/shards --preset base --no-progress"
 
 log ""
 log "=== summary (total $(($(date +%s) - T0))s before the report)"

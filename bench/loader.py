@@ -48,6 +48,48 @@ def clips_per_s(fn, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def measure_paths(files, shards, audio, batch: int, n: int, device: torch.device | None = None) -> dict:
+    """clips/s of one core on each input path over the first `n` clips: `files` (an AudioFileDataset, or
+    None to skip that path) and `shards` (a ShardDataset). With a CUDA `device`, also the batched fbank's
+    own rate on that device (the loader hands it waveforms; it is not a loader cost)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def per_clip(ds):
+        for i in range(min(n, len(ds))):
+            ds.spectrogram(i, gen)
+
+    def padded_batches():
+        for first in range(0, min(n, len(shards)), batch):
+            waves = [shards.crop(i, gen) for i in range(first, min(first + batch, n, len(shards)))]
+            lengths = torch.tensor([w.numel() for w in waves])
+            yield torch.stack([torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in waves]), lengths
+
+    def batched(fbank_here: bool):
+        for padded, lengths in padded_batches():
+            if fbank_here:
+                batch_fbank(padded, lengths, audio)
+
+    count = min(n, len(shards))
+    shards.spectrogram(0, gen)  # warm-up: imports, mel bank, page cache
+    results = {}
+    if files is not None:
+        files.spectrogram(0, gen)
+        results["files + CPU fbank"] = clips_per_s(lambda: per_clip(files), min(n, len(files)))
+    results["shards + CPU fbank"] = clips_per_s(lambda: per_clip(shards), count)
+    results["shards, loader only (fbank on the device)"] = clips_per_s(lambda: batched(False), count)
+    results["shards + batched fbank on this CPU"] = clips_per_s(lambda: batched(True), count)
+    if device is not None and device.type == "cuda":
+        on_device = [(w.to(device), lengths.to(device)) for w, lengths in padded_batches()]
+        batch_fbank(*on_device[0], audio)  # warm-up: cuFFT plans, mel bank on the device
+
+        def device_fbank():
+            for w, lengths in on_device:
+                batch_fbank(w, lengths, audio, validate=False)
+            common.synchronize(device)
+        results["batched fbank alone on the GPU (not a loader cost)"] = clips_per_s(device_fbank, count)
+    return results
+
+
 def run(clips: int, seconds: float, batch: int, preset: str) -> dict:
     torch.set_num_threads(1)
     cfg = get_preset(preset)
@@ -57,27 +99,7 @@ def run(clips: int, seconds: float, batch: int, preset: str) -> dict:
         prepare(root / "audio", root / "shards", cfg.audio, shard_size=max(1, clips // 4), progress=False)
         files = build_dataset(apply_overrides(cfg, [f"data.path={root / 'audio'}"]).data, cfg.audio)
         shards = ShardDataset(root / "shards", cfg.audio)
-        gen = torch.Generator().manual_seed(0)
-        shards.spectrogram(0, gen), files.spectrogram(0, gen)  # warm-up: imports, mel bank, page cache
-
-        def per_clip(ds):
-            for i in range(len(ds)):
-                ds.spectrogram(i, gen)
-
-        def batched(fbank_here: bool):
-            for first in range(0, len(shards), batch):
-                waves = [shards.crop(i, gen) for i in range(first, min(first + batch, len(shards)))]
-                lengths = torch.tensor([w.numel() for w in waves])
-                padded = torch.stack([torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in waves])
-                if fbank_here:
-                    batch_fbank(padded, lengths, cfg.audio)
-
-        results = {
-            "files + CPU fbank": clips_per_s(lambda: per_clip(files), len(files)),
-            "shards + CPU fbank": clips_per_s(lambda: per_clip(shards), len(shards)),
-            "shards, loader only (fbank on the device)": clips_per_s(lambda: batched(False), len(shards)),
-            "shards + batched fbank on this CPU": clips_per_s(lambda: batched(True), len(shards)),
-        }
+        results = measure_paths(files, shards, cfg.audio, batch, clips)
     base = results["files + CPU fbank"]
     return {"clips_per_s_per_core": results, "speedup_vs_files": {k: v / base for k, v in results.items()}}
 

@@ -491,7 +491,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ajepa bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ajepa bench", description=__doc__.split("\n\n")[0],
+        epilog="ajepa bench --data PATH [...] runs the end-to-end benchmark from disk instead (bench/e2e.py; "
+        "its options: ajepa bench --data PATH --help).")
     add_step_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -419,6 +419,50 @@ def test_ajepa_bench_help_and_errors_come_from_bench_step():
     assert out.returncode == 2 and "--steps" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_e2e_windows_are_time_weighted():
+    """Two timed windows of 10 steps x 4 samples at 40 and 10 samples/s last 1 s and 4 s: 80 samples in
+    5 s, and the data wait is the time-weighted mean (0.1 * 1 + 0.6 * 4) / 5. The warm-up window is left out."""
+    from bench.e2e import _windows
+
+    rows = [{"step": 10, "samples_per_s": 1.0, "data_wait": 0.9},
+            {"step": 20, "samples_per_s": 40.0, "data_wait": 0.1, "loader_clips_per_s": 100.0},
+            {"step": 30, "samples_per_s": 10.0, "data_wait": 0.6, "loader_clips_per_s": 50.0}]
+    got = _windows(rows, warmup=10, log_every=10, batch=4)
+    assert got["samples_per_s"] == pytest.approx(16.0) and got["data_wait"] == pytest.approx(0.5)
+    assert got["loader_clips_per_s"] == pytest.approx(60.0) and got["windows"] == 2
+    with pytest.raises(ValueError, match="--steps"):
+        _windows(rows, warmup=30, log_every=10, batch=4)
+
+
+def test_ajepa_bench_data_runs_the_end_to_end_bench_on_cpu(tmp_path):
+    """`ajepa bench --data AUDIO`: the real training loop from files, the synthetic-input step and the
+    loader paths (files, shards written from the same clips, batched fbank), in one JSON."""
+    from ajepa.config import get_preset
+    from ajepa.data import write_synth_corpus
+
+    write_synth_corpus(tmp_path / "audio", 12, get_preset("tiny").audio, progress=False)
+    root = Path(__file__).resolve().parents[1]
+    sets = [a for m in MICRO for a in ("--set", m)]
+    cmd = [sys.executable, "-m", "ajepa.cli", "bench", "--data", str(tmp_path / "audio"), "--preset", "tiny",
+           "--device", "cpu", "--batch-size", "4", "--steps", "3", "--warmup", "1", "--loader-clips", "6",
+           "--workers", "0", "--no-progress", "--out", str(tmp_path / "res"), *sets]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = (tmp_path / "res").glob("*_e2e.json")
+    res = json.loads(path.read_text())
+    assert res["kind"] == "e2e" and res["end_to_end"]["windows"] == 1 and res["end_to_end"]["samples_per_s"] > 0
+    assert 0 <= res["end_to_end"]["data_wait"] <= 1 and res["end_to_end"]["loader_clips_per_s"] > 0
+    assert res["e2e_over_synthetic"] == pytest.approx(
+        res["end_to_end"]["samples_per_s"] / res["synthetic"]["samples_per_s"])
+    assert set(res["loader_clips_per_s_per_core"]) >= {"files + CPU fbank", "shards + CPU fbank",
+                                                        "shards, loader only (fbank on the device)"}
+    assert all(v > 0 for v in res["loader_clips_per_s_per_core"].values())
+    assert res["targets"]["measured_on_gpu"] is False and "end to end / synthetic" in out.stdout
+    bad = subprocess.run([*cmd[:5], str(tmp_path / "missing")], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize(
     "kernel,category",
     [

@@ -68,15 +68,20 @@ def test_data_wait_is_measured_and_an_input_bound_run_is_warned_once(tmp_path, m
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ajepa"):
             train(cfg, tmp_path / name, progress=False)
-        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [r["data_wait"] for r in rows]
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    slow = run("slow", 0.5)  # 2 s of loading per step of a 48-wide model
+    slow_rows = run("slow", 0.5)  # 2 s of loading per step of a 48-wide model
+    slow = [r["data_wait"] for r in slow_rows]
     assert all(0.2 < w <= 1.0 for w in slow), slow
+    # the loader's own rate: 0.5 s of sleep per clip caps it at 2 clips/s per worker (one loader: the main process)
+    assert all(1.5 < r["loader_clips_per_s_worker"] <= 2.0 for r in slow_rows), slow_rows
+    assert all(r["loader_clips_per_s"] == r["loader_clips_per_s_worker"] for r in slow_rows)
     warnings = [r.getMessage() for r in caplog.records if "input-bound" in r.getMessage()]
-    assert len(warnings) == 1 and "--workers" in warnings[0]
-    fast = run("fast", 0.0)
+    assert len(warnings) == 1 and "--workers" in warnings[0] and "clips/s" in warnings[0]
+    fast_rows = run("fast", 0.0)
+    fast = [r["data_wait"] for r in fast_rows]
     assert max(fast) < min(slow) and max(fast) < 0.2, (fast, slow)
+    assert min(r["loader_clips_per_s_worker"] for r in fast_rows) > 50
     assert not [r for r in caplog.records if "input-bound" in r.getMessage()]
 
 
