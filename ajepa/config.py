@@ -119,6 +119,8 @@ class ModelConfig:
     sigreg_weight: float = 0.0  # LeJEPA SIGReg on the context encoder's tokens; 0 disables
     sigreg_projections: int = 64  # random 1-D directions per SIGReg evaluation
     sigreg_content: bool = False  # SIGReg on the tokens minus their per-position batch mean (the clip-varying part)
+    sigreg_clip_weight: float = 0.0  # SIGReg on the clip embeddings (each clip's mean context token); 0 disables
+    clip_loss_weight: float = 0.0  # L2 from each clip's mean context token to its mean target token; 0 disables
 
 
 @dataclass(frozen=True)
@@ -445,8 +447,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.target_norm={_short(m.target_norm)}; choose one of {TARGET_NORMS}")
     if not 1 <= m.target_layers <= m.depth:
         raise ConfigError(f"model.target_layers={m.target_layers} must be in 1..model.depth ({m.depth})")
-    if not (math.isfinite(m.sigreg_weight) and m.sigreg_weight >= 0):
-        raise ConfigError(f"model.sigreg_weight={m.sigreg_weight} must be finite and >= 0")
+    for name in ("sigreg_weight", "sigreg_clip_weight", "clip_loss_weight"):
+        if not (math.isfinite(getattr(m, name)) and getattr(m, name) >= 0):
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be finite and >= 0")
     if m.sigreg_projections < 1:
         raise ConfigError(f"model.sigreg_projections={m.sigreg_projections} must be >= 1")
     if a.frontend not in FRONTENDS:

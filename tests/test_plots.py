@@ -26,6 +26,8 @@ def _write_metrics(run, steps=30):
             "wd": 0.04,
             "momentum": 0.996 + s * 1e-4,
             "samples_per_s": 20.0 + (s % 3),
+            "loader_clips_per_s": 60.0 - (s % 5),
+            "data_wait": 0.01 * (s % 4),
             "rankme": 30.0 - s / 2,
             "feat_std": 0.5 / s,
             "pos_share": 0.7 + s / 200,
@@ -61,11 +63,13 @@ def test_plot_run_draws_every_curve(tmp_path):
     img = _image(out)
     blue = np.abs(img - np.array([0.12, 0.47, 0.71])).sum(-1) < 0.1  # matplotlib's C0 line color
     h, w = blue.shape
-    rows = 4  # seven curves, two per row
+    rows = 4  # eight panels, two per row
     panels = [blue[r * h // rows : (r + 1) * h // rows, c * w // 2 : (c + 1) * w // 2]
               for r in range(rows) for c in (0, 1)]
-    assert all(p.sum() > 200 for p in panels[:7])
-    assert panels[7].sum() == 0  # the eighth slot stays empty
+    assert all(p.sum() > 200 for p in panels)
+    orange = np.abs(img - np.array([1.0, 0.50, 0.05])).sum(-1) < 0.1  # C1: the loader's clips/s beside samples/s
+    assert orange[h // rows : 2 * h // rows, w // 2 :].sum() > 200
+    assert orange.sum() - orange[h // rows : 2 * h // rows, w // 2 :].sum() < 50  # on that panel only
 
 
 def test_plot_cli_tolerates_a_half_written_last_line(tmp_path):

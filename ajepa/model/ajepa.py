@@ -45,6 +45,14 @@ def position_centered(tokens: torch.Tensor, index: torch.Tensor, num_patches: in
     return tokens - mean[pos]
 
 
+def clip_means(tokens: torch.Tensor, index: torch.Tensor, num_patches: int, batch: int) -> torch.Tensor:
+    """Packed tokens [T, D] at flat indices `index` (sample * N + position) -> each sample's mean token [B, D]."""
+    sample = index // num_patches
+    counts = torch.bincount(sample, minlength=batch).clamp_min(1).to(tokens.dtype)
+    sums = torch.zeros(batch, tokens.shape[1], device=tokens.device, dtype=tokens.dtype).index_add(0, sample, tokens)
+    return sums / counts[:, None]
+
+
 def signal_patches(spec: torch.Tensor, patch: int) -> torch.Tensor:
     """bool [B, N]: patches of spec [B, 1, frames, mel] that are not one constant value
     (zero-padding past a clip's end and digital silence give constant log-mel patches)."""
@@ -66,7 +74,8 @@ class AJEPA(nn.Module):
         self.target_layers, self.target_norm = m.target_layers, m.target_norm
         self.signal_targets_only = m.signal_targets_only
         self.sigreg_weight, self.sigreg_projections = m.sigreg_weight, m.sigreg_projections
-        self.sigreg_content = m.sigreg_content
+        self.sigreg_content, self.sigreg_clip_weight = m.sigreg_content, m.sigreg_clip_weight
+        self.clip_loss_weight = m.clip_loss_weight
         self.encoder = ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -77,15 +86,19 @@ class AJEPA(nn.Module):
         yield from self.predictor.parameters()
 
     @torch.no_grad()
-    def targets(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
+    def targets(self, spec: torch.Tensor, masks: PackedMasks, clips: bool = False):
         """Target-encoder latents at the target tokens: [T_tgt, D]. The default (model.target_layers=1,
-        target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm."""
+        target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm.
+        With `clips`, also each clip's mean layer-normed target token [B, D] (model.clip_loss_weight)."""
         if self.target_layers == 1 and self.target_norm == "layer":
             h = self.target_encoder.forward_dense(spec)  # [B, N, D]
-            return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
-        layers = self.target_encoder.forward_layers(spec, self.target_layers)
-        h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
-        return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
+        else:
+            layers = self.target_encoder.forward_layers(spec, self.target_layers)
+            h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
+        tgt = kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
+        if not clips:
+            return tgt
+        return tgt, F.layer_norm(h.float(), h.shape[-1:], eps=1e-6).mean(dim=1)
 
     def predict(self, spec: torch.Tensor, masks: PackedMasks, return_context: bool = False):
         ctx = self.encoder.forward_packed(spec, masks.ctx_index, masks.cu_ctx, masks.max_ctx, self.impl)
@@ -98,7 +111,9 @@ class AJEPA(nn.Module):
         model.sigreg_weight x SIGReg of the context encoder's output tokens."""
         pred, ctx = self.predict(spec, masks, return_context=True)
         pred = pred.float()
-        tgt = self.targets(spec, masks).float()
+        tgt, tgt_clips = self.targets(spec, masks, clips=True) if self.clip_loss_weight > 0 else (
+            self.targets(spec, masks), None)
+        tgt = tgt.float()
         if self.loss_type == "smooth_l1":
             err = F.smooth_l1_loss(pred, tgt, reduction="none")
         else:
@@ -111,6 +126,12 @@ class AJEPA(nn.Module):
         if self.sigreg_weight > 0:
             z = position_centered(ctx, masks.ctx_index, masks.num_patches) if self.sigreg_content else ctx
             loss = loss + self.sigreg_weight * sigreg(z, self.sigreg_projections)
+        if self.sigreg_clip_weight > 0 or self.clip_loss_weight > 0:
+            clips = clip_means(ctx, masks.ctx_index, masks.num_patches, masks.batch_size)
+        if self.sigreg_clip_weight > 0:
+            loss = loss + self.sigreg_clip_weight * sigreg(clips, self.sigreg_projections)
+        if self.clip_loss_weight > 0:  # the clip's mean visible token predicts its mean target token
+            loss = loss + self.clip_loss_weight * F.mse_loss(clips.float(), tgt_clips)
         return loss
 
     @torch.no_grad()
