@@ -81,9 +81,9 @@ class AJEPA(nn.Module):
         """Target-encoder latents at the target tokens: [T_tgt, D]. The default (model.target_layers=1,
         target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm."""
         if self.target_layers == 1 and self.target_norm == "layer":
-            h = self.target_encoder.forward_dense(spec)  # [B, N, D]
+            h = self.target_encoder.forward_dense(spec, self.impl)  # [B, N, D]
             return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
-        layers = self.target_encoder.forward_layers(spec, self.target_layers)
+        layers = self.target_encoder.forward_layers(spec, self.target_layers, self.impl)
         h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
         return kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
 
