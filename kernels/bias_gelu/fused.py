@@ -42,7 +42,7 @@ def _bias_gelu_fwd_kernel(
     M,
     N,
     stride_xm,
-    stride_xn,
+    stride_xd,
     APPROX_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -53,7 +53,7 @@ def _bias_gelu_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
-    z = tl.load(x + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(x + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     z += tl.load(b + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out, _ = _gelu_and_grad(z, APPROX_TANH)
     tl.store(y + rows[:, None] * N + cols[None, :], out.to(y.dtype.element_ty), mask=mask)
@@ -69,9 +69,9 @@ def _bias_gelu_bwd_kernel(
     M,
     N,
     stride_dym,
-    stride_dyn,
+    stride_dyd,
     stride_xm,
-    stride_xn,
+    stride_xd,
     rows_per_program,  # a multiple of BLOCK_M
     APPROX_TANH: tl.constexpr,
     NEED_DB: tl.constexpr,
@@ -88,8 +88,8 @@ def _bias_gelu_bwd_kernel(
     for start in range(0, rows_per_program, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (rows < M)[:, None] & col_ok[None, :]
-        z = tl.load(x + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+        z = tl.load(x + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy + rows[:, None] * stride_dym + cols[None, :] * stride_dyd, mask=mask, other=0.0)
         _, d = _gelu_and_grad(z + bias[None, :], APPROX_TANH)
         gz = g.to(tl.float32) * d  # zero where masked: g is
         tl.store(dx + rows[:, None] * N + cols[None, :], gz.to(dx.dtype.element_ty), mask=mask)
