@@ -32,9 +32,9 @@ from triton.compiler import ASTSource
 
 from kernels.attention import fused as attn
 from kernels.attention import tiles
-from kernels.bias_gelu import fused as bias_gelu
 from kernels.ema import fused as ema
 from kernels.gather import fused as gather
+from kernels.gelu import fused as bias_gelu
 from kernels.layernorm import fused as layernorm
 
 # shared memory one block may use (bytes): sm_90 228 KiB - 1 KiB reserved, sm_80 164 KiB - 1 KiB

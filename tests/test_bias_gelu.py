@@ -23,7 +23,7 @@ from helpers import DEVICE, assert_within_baseline, requires_cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import bias_gelu
-from kernels.bias_gelu import bias_gelu_ref, fused
+from kernels.gelu import bias_gelu_ref, fused
 
 FLOAT_DTYPES = [torch.float32, torch.float16]
 FACTOR = 2

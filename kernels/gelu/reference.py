@@ -1,6 +1,6 @@
 """Plain PyTorch bias + GELU: F.gelu(x + bias) in fp32 (fp64 for fp64 input), rounded once to x.dtype.
 
-Pure math: inputs are checked by ``kernels.bias_gelu.bias_gelu``.
+Pure math: inputs are checked by ``kernels.gelu.bias_gelu``.
 """
 
 from __future__ import annotations

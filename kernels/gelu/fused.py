@@ -1,7 +1,7 @@
 """Triton bias + GELU: y = gelu(x + bias) in one pass, and a backward that folds in the bias gradient.
 
 Layout: kernels, then launchers, then the torch custom ops (opaque to torch.compile, with fake impls
-and an autograd formula), then the functional entry point. Inputs are checked by ``kernels.bias_gelu``.
+and an autograd formula), then the functional entry point. Inputs are checked by ``kernels.gelu``.
 
 The backward reads dy and x once, writes dx = dy * gelu'(x + bias), and sums dbias on the way: P row
 groups x column blocks of programs keep fp32 partial sums, which one fixed-shape torch reduction adds
@@ -208,7 +208,7 @@ class _BiasGeluFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# functional entry point (inputs already checked by kernels.bias_gelu)
+# functional entry point (inputs already checked by kernels.gelu)
 # ---------------------------------------------------------------------------------------------
 
 

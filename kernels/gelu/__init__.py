@@ -8,10 +8,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from kernels._common import check_is_tensor, check_same_device, check_triton_float, resolve_impl
-from kernels.bias_gelu.reference import bias_gelu_ref
+from kernels.gelu.reference import bias_gelu_ref
 
 try:  # triton is a Linux-only dependency; the reference path works without it
-    from kernels.bias_gelu import fused as _fused
+    from kernels.gelu import fused as _fused
 except ImportError:  # pragma: no cover - depends on the platform
     _fused = None
 
