@@ -125,6 +125,17 @@ def launch_directly(*tensors) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. (triton.cdiv and triton.next_power_of_2 are ConstexprFunctions
+    in Triton 3.8: about 3 us of host time a call, where these cost nanoseconds.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def device_guard(device: torch.device):
     """Triton launches on the current CUDA device: make it `device` for the launch."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
