@@ -269,7 +269,7 @@ class Trainer:
                 f"{self._last_good()}")
         if is_log:
             with torch.no_grad(), self.step_fn.amp():  # every rank: a collective under FSDP
-                health = health_stats(self.model.target_encoder.forward_dense(batch.spec))
+                health = health_stats(self.model.target_encoder.forward_dense(batch.spec, self.model.impl))
             warning = self.watch.check(done, health)
             if warning and self.info.is_main:
                 log.warning("%s", warning)

@@ -34,6 +34,8 @@ from kernels.attention import fused as attn
 from kernels.attention import tiles
 from kernels.ema import fused as ema
 from kernels.gather import fused as gather
+from kernels.gelu import fused as bias_gelu
+from kernels.layernorm import fused as layernorm
 
 # shared memory one block may use (bytes): sm_90 228 KiB - 1 KiB reserved, sm_80 164 KiB - 1 KiB
 SMEM_LIMIT = {90: 232448, 89: 101376, 86: 101376, 80: 166912}
@@ -163,6 +165,35 @@ def other_jobs(dtypes):
         yield (ema._ema_update_kernel, {"table": "*i64", "tau": "fp32", "one_minus_tau": "fp32"},
                dict(ONLINE_DTYPE=ema._TL_DTYPE[dtype], ALIGN=16, BLOCK=ema.BLOCK), dict(num_warps=8),
                "ema_update", f"online {e}", True)
+        yield from norm_gelu_jobs(e)
+
+
+def norm_gelu_jobs(e: str):
+    """layer_norm and bias_gelu with the tiles their launchers pick: ViT widths (fp32 weights beside
+    e-typed activations, as under autocast), the residual add on, every gradient wanted."""
+    for D in (384, 768, 1024):
+        block_m, block_d, warps = layernorm._tiles(D)
+        tiles_ = dict(BLOCK_M=block_m, BLOCK_D=block_d)
+        yield (layernorm._layer_norm_fwd_kernel,
+               {"x": f"*{e}", "res": f"*{e}", "w": "*fp32", "b": "*fp32", "y": f"*{e}", "s": f"*{e}",
+                "mean_out": "*fp32", "rstd_out": "*fp32", "eps": "fp32"},
+               dict(HAS_RES=True, HAS_W=True, HAS_B=True, **tiles_), dict(num_warps=warps),
+               "layer_norm_fwd", f"{e} D{D} residual", True)
+        yield (layernorm._layer_norm_bwd_kernel,
+               {"dy": f"*{e}", "ds": f"*{e}", "xs": f"*{e}", "w": "*fp32", "mean_in": "*fp32", "rstd_in": "*fp32",
+                "dx": f"*{e}", "dres": f"*{e}", "dw_part": "*fp32", "db_part": "*fp32"},
+               dict(HAS_DS=True, HAS_W=True, HAS_DRES=False, NEED_DW=True, NEED_DB=True, **tiles_),
+               dict(num_warps=warps), "layer_norm_bwd", f"{e} D{D} residual", True)
+    for N in (1536, 3072, 4096):
+        block_m, block_n, warps = bias_gelu._tiles(N)
+        for approx in (False, True):
+            tiles_ = dict(APPROX_TANH=approx, BLOCK_M=block_m, BLOCK_N=block_n)
+            variant = f"{e} N{N} {'tanh' if approx else 'erf'}"
+            yield (bias_gelu._bias_gelu_fwd_kernel, {"x": f"*{e}", "b": "*fp32", "y": f"*{e}"},
+                   tiles_, dict(num_warps=warps), "bias_gelu_fwd", variant, True)
+            yield (bias_gelu._bias_gelu_bwd_kernel,
+                   {"dy": f"*{e}", "x": f"*{e}", "b": "*fp32", "dx": f"*{e}", "db_part": "*fp32"},
+                   dict(NEED_DB=True, **tiles_), dict(num_warps=warps), "bias_gelu_bwd", variant, True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,8 @@ class StepResult:
 PROFILE_CATEGORIES = (
     ("ajepa attention (Triton)", ("_varlen_attn_",)),
     ("ajepa gather / layer norm (Triton)", ("_masked_gather_", "_gather_layer_norm_")),
+    ("ajepa block layer norm / bias-GELU (Triton)", ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel",
+                                                     "_bias_gelu_")),
     ("ajepa EMA (Triton)", ("_ema_update_",)),
     ("torch attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma", "cublas")),

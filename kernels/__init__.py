@@ -1,6 +1,6 @@
-"""ajepa's three kernel ops, each with a Triton path and a plain PyTorch reference.
+"""ajepa's kernel ops, each with a Triton path and a plain PyTorch reference.
 
-    from kernels import masked_gather, varlen_attention, ema_update
+    from kernels import masked_gather, varlen_attention, ema_update, layer_norm, bias_gelu
 
 Every op takes ``impl="auto" | "triton" | "reference"``: "auto" runs Triton on CUDA
 tensors and the reference elsewhere. See each op's docstring for shapes.
@@ -10,13 +10,17 @@ from kernels._common import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM, resolve_impl
 from kernels.attention import varlen_attention, varlen_attention_qkvpacked
 from kernels.ema import ema_update
 from kernels.gather import gather_layer_norm, masked_gather
+from kernels.gelu import bias_gelu
+from kernels.layernorm import layer_norm
 
 __all__ = [
     "IMPLS",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
+    "bias_gelu",
     "ema_update",
     "gather_layer_norm",
+    "layer_norm",
     "masked_gather",
     "resolve_impl",
     "varlen_attention",

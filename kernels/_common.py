@@ -15,6 +15,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 IMPLS = ("auto", "triton", "reference")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -23,6 +24,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 128
 # The attention kernels put sequences on CUDA grid dim 2, which holds at most 65535 programs.
 MAX_SEQUENCES = 65535
+# Dtypes the row-wise Triton kernels (layer_norm, bias_gelu) read and write; bf16 needs CUDA
+# (the interpreter has no bfloat16).
+TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Test switch (tests/conftest.py turns it on): new_output fills every buffer with NaN, so an
 # element that no program wrote fails the test instead of passing on leftover memory.
@@ -79,6 +83,57 @@ def check_index(op: str, name: str, t, dtype: torch.dtype, shape: str, like_name
     if t.dim() != 1:
         raise ValueError(f"{op}: {name} must be 1-D {shape}, got shape {tuple(t.shape)}")
     check_same_device(op, name, t, like_name, like)
+
+
+def check_triton_float(op: str, name: str, t: Tensor) -> None:
+    """ValueError naming the argument unless the Triton path can read `t`: fp16 / bf16 / fp32,
+    and bf16 only on CUDA (the interpreter has no bfloat16)."""
+    if t.dtype not in TRITON_FLOAT_DTYPES:
+        raise ValueError(f"{op}: impl='triton' supports {name} dtypes float16, bfloat16, float32, got {t.dtype}")
+    if t.dtype == torch.bfloat16 and t.device.type != "cuda":
+        raise ValueError(f"{op}: impl='triton' with bfloat16 {name} needs CUDA "
+                         "(the Triton interpreter has no bfloat16)")
+
+
+_SM_COUNT: dict = {}
+
+
+def reduction_programs(device: torch.device) -> int:
+    """How many programs a row-split reduction (the dweight / dbias partial sums) launches at most:
+    four per SM on CUDA, so every SM stays busy and the partial buffer stays small; 5 under the
+    interpreter (few programs run faster there, and 5 rarely divides the row tiles evenly, so the
+    tests see programs with unequal shares). Fixed per device, so results are deterministic."""
+    if device.type != "cuda":
+        return 5
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def launch_directly(*tensors) -> bool:
+    """True where an eager call may launch its kernels directly, skipping the custom op's dispatch
+    (host time paid on each of a model's many calls): not under torch.compile, no dispatch mode
+    active (fake tensors, make_fx / AOTAutograd tracing, opcheck), and only plain tensors (a
+    subclass such as DTensor needs the op's dispatch). Elsewhere the custom op runs, which every
+    one of those understands."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. (triton.cdiv and triton.next_power_of_2 are ConstexprFunctions
+    in Triton 3.8: about 3 us of host time a call, where these cost nanoseconds.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def device_guard(device: torch.device):

@@ -469,6 +469,9 @@ def test_ajepa_bench_data_runs_the_end_to_end_bench_on_cpu(tmp_path):
         ("_varlen_attn_bwd_dkdv_kernel", "ajepa attention (Triton)"),
         ("_masked_gather_bwd_kernel", "ajepa gather / layer norm (Triton)"),
         ("_ema_update_kernel", "ajepa EMA (Triton)"),
+        ("_layer_norm_bwd_kernel", "ajepa block layer norm / bias-GELU (Triton)"),
+        ("_bias_gelu_fwd_kernel", "ajepa block layer norm / bias-GELU (Triton)"),
+        ("_gather_layer_norm_fwd_kernel", "ajepa gather / layer norm (Triton)"),
         ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "torch attention (SDPA)"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
         ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
@@ -589,7 +592,8 @@ def test_aot_compiles_the_table_kernels_for_sm90(tmp_path):
     results = json.loads(out.read_text())["results"]
     kernels = {x["kernel"] for x in results}
     assert {"attn_fwd", "attn_dkdv", "attn_dq", "attn_bwd_preprocess", "masked_gather_fwd", "masked_gather_bwd",
-            "gather_layer_norm_fwd", "ema_update"} <= kernels
+            "gather_layer_norm_fwd", "ema_update", "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd",
+            "bias_gelu_bwd"} <= kernels
     assert all(x["ok"] and x["in_table"] for x in results)
     attn = [x for x in results if x["kernel"] in ("attn_fwd", "attn_dkdv", "attn_dq")]
     assert len(attn) == 3 and all(0 < x["shared_bytes"] <= aot.SMEM_LIMIT[90] for x in attn)

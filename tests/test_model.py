@@ -69,3 +69,115 @@ def test_ema_update_moves_target_towards_encoder():
     model.update_target(0.9)
     for t0, t1, o in zip(before, model.target_encoder.parameters(), model.encoder.parameters()):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * o, rtol=1e-6, atol=1e-6)
+
+
+def _block_inputs(dim=48, tokens=(5, 9, 1), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(tokens), dim, generator=gen)
+    cu = torch.tensor([0, *torch.tensor(tokens).cumsum(0).tolist()], dtype=torch.int32)
+    return x, cu, max(tokens)
+
+
+def _block(dim=48, seed=0):
+    from ajepa.model.vit import Block, init_weights
+
+    torch.manual_seed(seed)
+    blk = Block(dim, 3, 4.0)
+    init_weights(blk, 1)
+    with torch.no_grad():  # non-trivial norms and biases, so every parameter's role shows
+        for p in blk.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return blk
+
+
+def test_reference_block_is_the_plain_prenorm_block():
+    """The reference path is unchanged: x + attn(ln1(x)); x + fc2(gelu(fc1(ln2(x)))), bit for bit,
+    forward and every gradient, packed and dense."""
+    blk = _block()
+    x, cu, max_len = _block_inputs()
+
+    def plain(x, cu_seqlens=None, max_seqlen=0):
+        n1, n2, mlp = blk.norm1, blk.norm2, blk.mlp
+        x = x + blk.attn(F.layer_norm(x, (48,), n1.weight, n1.bias, n1.eps), cu_seqlens, max_seqlen, "reference")
+        h = F.layer_norm(x, (48,), n2.weight, n2.bias, n2.eps)
+        return x + F.linear(F.gelu(F.linear(h, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+
+    for args in ((cu, max_len), ()):
+        inp = x if args else x[None]
+        results = []
+        for use_module in (True, False):
+            blk.zero_grad(set_to_none=True)
+            xi = inp.clone().requires_grad_(True)
+            out = blk(xi, *args, impl="reference") if use_module else plain(xi, *args)
+            out.square().sum().backward()
+            results.append([out, xi.grad] + [p.grad for p in blk.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_triton_block_matches_reference(monkeypatch):
+    """The Triton path of a Block (fused layer norms with the residual add, bias + GELU) computes the
+    reference's function: packed (varlen attention) and dense (SDPA), forward and gradients, in fp32.
+    The fused ops really run: each is counted."""
+    import kernels
+
+    calls = {"layer_norm": 0, "bias_gelu": 0}
+    for op in calls:
+        real = getattr(kernels, op)
+
+        def counted(*args, _real=real, _op=op, **kwargs):
+            calls[_op] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, op, counted)
+    blk = _block()
+    x, cu, max_len = _block_inputs()
+    for args in ((cu, max_len), ()):
+        inp = x if args else x[None]
+        results = []
+        for impl in ("triton", "reference"):
+            blk.zero_grad(set_to_none=True)
+            xi = inp.clone().requires_grad_(True)
+            out = blk(xi, *args, impl=impl)
+            out.square().sum().backward()
+            results.append([out, xi.grad] + [p.grad for p in blk.parameters()])
+        names = ["out", "dx"] + [n for n, _ in blk.named_parameters()]
+        for name, a, b in zip(names, *results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert calls == {"layer_norm": 4, "bias_gelu": 2}
+
+
+def test_state_dict_keys_unchanged():
+    """Checkpoints stay compatible: the fused path changes no parameter, buffer or key."""
+    from ajepa.model.vit import ViTEncoder
+
+    enc = ViTEncoder((4, 2), 16, 48, 2, 3, 4.0)
+    keys = set(enc.state_dict())
+    assert {"norm.weight", "norm.bias", "blocks.1.norm2.weight", "blocks.1.norm2.bias",
+            "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias"} <= keys
+    assert all(isinstance(m, torch.nn.LayerNorm) for n, m in enc.named_modules() if n.endswith("norm")
+               or n.endswith("norm1") or n.endswith("norm2"))
+    assert len(keys) == 2 + 2 + 2 * 12  # patch proj, final norm, 12 tensors a block
+
+
+def test_triton_model_targets_use_the_fused_path(monkeypatch):
+    """AJEPA(impl=...) hands its impl to the target encoder's dense pass too (it used to run "auto"):
+    a reference model never touches the fused ops, a Triton one does."""
+    import kernels
+
+    cfg, model, spec, masks = _setup(batch=2)
+    from kernels.layernorm import layer_norm_ref
+
+    seen = []
+
+    def recording(x, weight, bias, eps, residual=None, impl="auto"):
+        seen.append(impl)
+        return layer_norm_ref(x, weight, bias, eps, residual)
+
+    monkeypatch.setattr(kernels, "layer_norm", recording)
+    monkeypatch.setattr(kernels, "bias_gelu", lambda x, b, impl="auto": F.gelu(x + b))
+    model.targets(spec, masks)
+    assert seen == []
+    model.impl = "triton"
+    model.targets(spec, masks)
+    assert len(seen) == 2 * cfg.model.depth + 1 and set(seen) == {"triton"}

@@ -91,9 +91,9 @@ class AJEPA(nn.Module):
         target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm.
         With `clips`, also each clip's mean layer-normed target token [B, D] (model.clip_loss_weight)."""
         if self.target_layers == 1 and self.target_norm == "layer":
-            h = self.target_encoder.forward_dense(spec)  # [B, N, D]
+            h = self.target_encoder.forward_dense(spec, self.impl)  # [B, N, D]
         else:
-            layers = self.target_encoder.forward_layers(spec, self.target_layers)
+            layers = self.target_encoder.forward_layers(spec, self.target_layers, self.impl)
             h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
         tgt = kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
         if not clips:

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import kernels
 from ajepa.masks import PackedMasks
-from ajepa.model.vit import Block, init_weights, sincos_pos_embed
+from ajepa.model.vit import Block, LayerNorm, init_weights, sincos_pos_embed
 
 
 class Predictor(nn.Module):
@@ -18,7 +18,7 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, enc_dim)
         init_weights(self, depth)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -37,4 +37,4 @@ class Predictor(nn.Module):
         for blk in self.blocks:
             x = blk(x, masks.cu_pred, masks.max_pred, impl)
         x = kernels.masked_gather(x, masks.pred_out_index, impl=impl, validate=False)  # [T_tgt, Dp]
-        return self.proj(self.norm(x))
+        return self.proj(self.norm(x, impl=impl))

@@ -65,27 +65,54 @@ class Attention(nn.Module):
         return self.proj(o)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, state_dict keys and init) that runs kernels.layer_norm on the
+    Triton path, with the pre-norm residual add fused in front when `residual` is given.
+
+    impl="reference" (or "auto" off CUDA) is nn.LayerNorm's own forward, untouched. Going through
+    the module (not its weight) keeps FSDP2's per-module hooks, which fire on __call__, working.
+    """
+
+    def forward(self, x, residual=None, impl: str = "auto"):
+        """norm(x); with `residual`: (norm(x + residual), x + residual)."""
+        if kernels.resolve_impl(impl, x.device, "LayerNorm") == "triton":
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, impl="triton")
+        if residual is None:
+            return super().forward(x)
+        s = x + residual
+        return super().forward(s), s
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+    def forward(self, x, impl: str = "auto"):
+        """fc2(gelu(fc1(x))). On the Triton path fc1 runs as a bias-free matmul and kernels.bias_gelu adds
+        its bias and applies GELU in one pass (and sums the bias gradient inside the GELU backward)."""
+        if self.fc1.bias is None or kernels.resolve_impl(impl, x.device, "MLP") == "reference":
+            return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(kernels.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl="triton"))
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x, cu_seqlens=None, max_seqlen: int = 0, impl: str = "auto", attn_mask=None):
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, impl, attn_mask)
-        return x + self.mlp(self.norm2(x))
+        if kernels.resolve_impl(impl, x.device, "Block") == "reference":
+            x = x + self.attn(self.norm1(x, impl="reference"), cu_seqlens, max_seqlen, impl, attn_mask)
+            return x + self.mlp(self.norm2(x, impl="reference"), impl="reference")
+        # Triton path: fused layer norms; norm2 also forms the residual stream x + attn(...) it normalizes
+        a = self.attn(self.norm1(x, impl="triton"), cu_seqlens, max_seqlen, impl, attn_mask)
+        h, x = self.norm2(a, residual=x, impl="triton")
+        return x + self.mlp(h, impl="triton")
 
 
 def init_weights(module: nn.Module, depth: int) -> None:
@@ -113,31 +140,32 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim, eps=1e-6)
         init_weights(self, depth)
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def forward_dense(self, spec: torch.Tensor) -> torch.Tensor:
-        """spec [B, 1, frames, mel] -> every token [B, N, D]."""
+    def forward_dense(self, spec: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """spec [B, 1, frames, mel] -> every token [B, N, D]. Attention is dense SDPA on every path;
+        `impl` picks the layer norms' and the MLP activation's kernels."""
         x = self.patch_embed(spec)
         x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+            x = blk(x, impl=impl)
+        return self.norm(x, impl=impl)
 
-    def forward_layers(self, spec: torch.Tensor, k: int) -> list[torch.Tensor]:
+    def forward_layers(self, spec: torch.Tensor, k: int, impl: str = "auto") -> list[torch.Tensor]:
         """The outputs of the last `k` blocks [B, N, D] each, oldest first; the last one after the final norm."""
         x = self.patch_embed(spec)
         x = x + self.pos_embed.to(x.dtype)
         outs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, impl=impl)
             if i >= len(self.blocks) - k:
                 outs.append(x)
-        outs[-1] = self.norm(outs[-1])
+        outs[-1] = self.norm(outs[-1], impl=impl)
         return outs
 
     def forward_packed(self, spec, index, cu_seqlens, max_seqlen: int, impl: str = "auto") -> torch.Tensor:
@@ -146,4 +174,4 @@ class ViTEncoder(nn.Module):
         x = kernels.masked_gather(x, index, self.pos_embed.to(x.dtype), impl=impl, validate=False)  # [T, D]
         for blk in self.blocks:
             x = blk(x, cu_seqlens, max_seqlen, impl)
-        return self.norm(x)
+        return self.norm(x, impl=impl)
