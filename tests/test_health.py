@@ -8,7 +8,7 @@ import torch
 from ajepa.config import ConfigError, apply_overrides, get_preset
 from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
-from ajepa.model.ajepa import normalize_targets, position_centered, signal_patches
+from ajepa.model.ajepa import clip_means, normalize_targets, position_centered, signal_patches
 from ajepa.model.health import CollapseWatch, feature_std, health_stats, position_share, rankme
 from ajepa.model.sigreg import epps_pulley, sigreg
 
@@ -132,7 +132,8 @@ def test_recipe_options_change_the_loss_and_train():
     ref = base(spec, masks)
     variants = [["model.target_norm=batch"], ["model.target_layers=2", "model.target_norm=instance"],
                 ["model.signal_targets_only=true"], ["model.sigreg_weight=1.0"],
-                ["model.sigreg_weight=1.0", "model.sigreg_content=true"]]
+                ["model.sigreg_weight=1.0", "model.sigreg_content=true"], ["model.sigreg_clip_weight=1.0"],
+                ["model.clip_loss_weight=1.0"]]
     for ov in variants:
         m = AJEPA(_tiny(*ov), impl="reference")
         m.load_state_dict(base.state_dict())
@@ -149,7 +150,9 @@ def test_recipe_config_validation():
                        ("model.sigreg_weight=-1", "model.sigreg_weight"),
                        ("model.sigreg_weight=nan", "model.sigreg_weight"),
                        ("model.sigreg_projections=0", "model.sigreg_projections"),
-                       ("model.sigreg_content=maybe", "model.sigreg_content")):
+                       ("model.sigreg_content=maybe", "model.sigreg_content"),
+                       ("model.sigreg_clip_weight=-0.5", "model.sigreg_clip_weight"),
+                       ("model.clip_loss_weight=inf", "model.clip_loss_weight")):
         with pytest.raises(ConfigError, match=field):
             apply_overrides(get_preset("tiny"), [bad])
 
@@ -166,3 +169,31 @@ def test_position_centered_removes_the_shared_part():
     want = torch.stack([content[i] - content[pos == pos[i]].mean(0) for i in range(len(index))])
     assert torch.equal(want[-1], torch.zeros(D))  # the lone token at position 4
     torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-4)
+
+
+def test_clip_means_average_each_samples_visible_tokens():
+    N, D = 6, 4
+    index = torch.tensor([0, 2, 3, 7, 8, 9, 11, 16])  # sample 0: 3 tokens, 1: 4 tokens, 2: 1 token, 3: none
+    tokens = torch.randn(index.numel(), D)
+    got = clip_means(tokens, index, N, batch=4)
+    want = torch.stack([tokens[:3].mean(0), tokens[3:7].mean(0), tokens[7], torch.zeros(D)])
+    torch.testing.assert_close(got, want)
+
+
+def test_clip_loss_is_the_l2_between_mean_context_and_mean_target_tokens():
+    """model.clip_loss_weight=w adds w x MSE(each clip's mean context token, its mean layer-normed target
+    token) to the token loss; recomputed here from the model's own pieces."""
+    torch.manual_seed(0)
+    cfg = _tiny("model.sigreg_weight=0", "model.clip_loss_weight=3.0")
+    spec = torch.randn(4, 1, 256, 128)
+    masks = MaskSampler(cfg.masks, cfg.grid, 100, 0)(0, 4)
+    m = AJEPA(cfg, impl="reference")
+    plain = AJEPA(_tiny("model.sigreg_weight=0"), impl="reference")
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ctx = m.encoder.forward_packed(spec, masks.ctx_index, masks.cu_ctx, masks.max_ctx, "reference")
+        h = m.target_encoder.forward_dense(spec, "reference")
+        tgt = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=1e-6).mean(1)
+        extra = ((clip_means(ctx, masks.ctx_index, cfg.num_patches, 4) - tgt) ** 2).mean()
+        assert extra > 0
+        torch.testing.assert_close(m(spec, masks), plain(spec, masks) + 3.0 * extra, rtol=1e-5, atol=1e-6)
