@@ -8,12 +8,13 @@ tensors and the reference elsewhere. See each op's docstring for shapes.
 
 from kernels._common import IMPLS, MAX_HEAD_DIM, MIN_HEAD_DIM, resolve_impl
 from kernels.attention import varlen_attention, varlen_attention_qkvpacked
-from kernels.ema import ema_update
+from kernels.ema import EmaPlan, ema_update
 from kernels.gather import gather_layer_norm, masked_gather
 from kernels.gelu import bias_gelu
 from kernels.layernorm import layer_norm
 
 __all__ = [
+    "EmaPlan",
     "IMPLS",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",

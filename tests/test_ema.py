@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from helpers import requires_cuda
 
-from kernels.ema import ema_update, fused
+from kernels.ema import EmaPlan, ema_update, fused
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -266,3 +266,70 @@ def test_bf16_online_cuda(impl):
     ema_update(target.parameters(), online.parameters(), 0.996, impl=impl)
     for got, w, b, o in zip(target.parameters(), want, before, online.parameters()):
         assert_rounding_close(got.detach(), w, b, o.detach(), 0.996)
+
+
+# ---------------------------------------------------------------------------- EmaPlan: the work done once
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_plan_matches_the_loop_over_repeated_calls(impl, device):
+    """A plan built once gives ema_update's result on every call, tau changing per call."""
+    target, online = _perturbed_pair(device, torch.float16)
+    want = [p.detach().clone() for p in target.parameters()]
+    plan = EmaPlan(list(target.parameters()), list(online.parameters()), impl=impl)
+    for tau in (0.9, 0.5, torch.tensor(0.99)):
+        before = [w.clone() for w in want]
+        loop_ema(want, online.parameters(), float(tau))
+        plan(tau)
+        for got, w, b, o in zip(target.parameters(), want, before, online.parameters()):
+            assert_rounding_close(got.detach(), w, b, o.detach(), float(tau))
+
+
+def test_plan_follows_reallocated_parameters(device):
+    """After the parameters move (here .double().float(): new storage for every tensor) the plan's
+    guard rebuilds its table, so the update lands in the live tensors, not in freed memory."""
+    target, online = _perturbed_pair(device, torch.float32)
+    plan = EmaPlan(list(target.parameters()), list(online.parameters()), impl="triton")
+    plan(0.5)
+    old = plan.where
+    target.double().float()
+    online.double().float()
+    want = [p.detach().clone() for p in target.parameters()]
+    loop_ema(want, online.parameters(), 0.5)
+    plan(0.5)
+    assert plan.where != old
+    for got, w in zip(target.parameters(), want):
+        torch.testing.assert_close(got.detach(), w, rtol=0, atol=4 * EPS32 * (1 + w.abs().max().item()))
+
+
+def test_ajepa_rebuilds_its_plan_when_parameters_move():
+    from helpers import micro_config
+
+    from ajepa.model import AJEPA
+
+    model = AJEPA(micro_config(), impl="reference")
+    model.update_target(0.9)
+    assert model._ema_plan is not None
+    model.float()  # Module._apply: the plan is dropped, the next update builds a new one
+    assert model._ema_plan is None
+    model.update_target(0.9)
+    model.load_state_dict(model.state_dict(), assign=True)  # new parameter objects
+    assert model._ema_plan is None
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+    model.update_target(0.5)
+    for t, b, o in zip(model.target_encoder.parameters(), before, model.encoder.parameters()):
+        torch.testing.assert_close(t, 0.5 * b + 0.5 * o)
+
+
+def test_plan_checks_its_arguments_once_and_tau_every_call():
+    t, o = [torch.zeros(3)], [torch.zeros(4)]
+    with pytest.raises(ValueError, match=r"EmaPlan: target\[0\] shape"):
+        EmaPlan(t, o)
+    plan = EmaPlan([torch.zeros(3)], [torch.ones(3)], impl="reference")
+    with pytest.raises(ValueError, match="tau must lie in"):
+        plan(1.5)
+    with pytest.raises(ValueError, match="EmaPlan: online\\[0\\] must be contiguous"):
+        EmaPlan([torch.zeros(3, 2)], [torch.zeros(2, 3).t()], impl="triton")

@@ -80,6 +80,7 @@ class AJEPA(nn.Module):
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
+        self._ema_plan: kernels.EmaPlan | None = None  # built at the first update_target
 
     def trainable_parameters(self):
         yield from self.encoder.parameters()
@@ -136,5 +137,17 @@ class AJEPA(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """target <- tau * target + (1 - tau) * online, one fused launch on the Triton path."""
-        kernels.ema_update(list(self.target_encoder.parameters()), list(self.encoder.parameters()), tau, impl=self.impl)
+        """target <- tau * target + (1 - tau) * online, one fused launch on the Triton path, from a plan
+        (kernels.EmaPlan) built at the first call and again after the parameters move."""
+        if self._ema_plan is None:
+            self._ema_plan = kernels.EmaPlan(list(self.target_encoder.parameters()), list(self.encoder.parameters()),
+                                             impl=self.impl)
+        self._ema_plan(tau)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .float(): parameters may be reallocated
+        self._ema_plan = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):  # assign=True replaces the parameter objects
+        self._ema_plan = None
+        return super().load_state_dict(*args, **kwargs)

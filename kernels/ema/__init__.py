@@ -116,4 +116,56 @@ def ema_update(target, online, tau, impl: str = "auto") -> None:
     _fused.ema_update_triton(targets, onlines, tau)
 
 
-__all__ = ["ema_update", "ema_update_ref"]
+class EmaPlan:
+    """ema_update for fixed lists of tensors, with the per-call work done once.
+
+        plan = EmaPlan(list(target.parameters()), list(online.parameters()))   # checks, impl, pointer tables
+        plan(0.996)                         # == ema_update(same lists, 0.996): a tau check and one launch
+
+    Building the plan checks every pair (as ema_update does on every call), resolves the impl and, on
+    the Triton path, builds the pointer table and grid. A call then only checks tau and launches.
+    The table holds the tensors' storage addresses, so the plan must be rebuilt (`refresh()`) when
+    parameters are reallocated: Module.to / .cuda / .float, load_state_dict(assign=True), FSDP
+    re-sharding. `AJEPA` does that from its `_apply` and `load_state_dict`. As a guard each call also
+    compares the first and last tensors' addresses and rebuilds when they moved.
+    """
+
+    def __init__(self, target, online, impl: str = "auto"):
+        self.targets, self.onlines, _ = _check_args(target, online, 0.0, "EmaPlan")
+        device = self.targets[0].device if self.targets else torch.device("cpu")
+        self.impl = resolve_impl(impl, device, "EmaPlan")
+        self.refresh()
+
+    def _fingerprint(self) -> tuple:
+        if not self.targets:
+            return ()
+        ends = (self.targets[0], self.targets[-1], self.onlines[0], self.onlines[-1])
+        return tuple(t.data_ptr() for t in ends)
+
+    def refresh(self) -> None:
+        """Rebuild the pointer tables from the tensors' current storage."""
+        self.launches = []
+        self.where = self._fingerprint()
+        if self.impl == "reference" or not self.targets:
+            return
+        if not all(map(Tensor.is_contiguous, self.targets)):
+            i = next(i for i, t in enumerate(self.targets) if not t.is_contiguous())
+            raise ValueError(f"EmaPlan: target[{i}] must be contiguous for impl='triton'")
+        if not all(map(Tensor.is_contiguous, self.onlines)):
+            i = next(i for i, o in enumerate(self.onlines) if not o.is_contiguous())
+            raise ValueError(f"EmaPlan: online[{i}] must be contiguous for impl='triton' (the table holds its address)")
+        self.launches = _fused.plan_launches(self.targets, self.onlines)
+
+    def __call__(self, tau) -> None:
+        """In place, under no_grad: t = tau * t + (1 - tau) * o for every pair."""
+        tau = _check_tau(tau, "EmaPlan")
+        with torch.no_grad():
+            if self.impl == "reference":
+                ema_update_ref(self.targets, self.onlines, tau)
+                return
+            if self._fingerprint() != self.where:
+                self.refresh()
+            _fused.run_launches(self.launches, tau, 1.0 - tau)
+
+
+__all__ = ["EmaPlan", "ema_update", "ema_update_ref"]

@@ -87,37 +87,43 @@ def _table(targets: list[Tensor], onlines: list[Tensor]) -> tuple[Tensor, int, i
     return hit
 
 
-def _ema_launch(targets: list[Tensor], onlines: list[Tensor], tau: float, one_minus_tau: float) -> None:
-    table, n_tensors, n_blocks, align = _table(targets, onlines)
+def _launch(plan: tuple, tau: float, one_minus_tau: float) -> None:
+    """One kernel launch from a prepared (table, n_tensors, n_blocks, align, online dtype, device)."""
+    table, n_tensors, n_blocks, align, dtype, device = plan
     if n_blocks == 0:
         return
-    with device_guard(targets[0].device):
+    with device_guard(device):
         _ema_update_kernel[(n_blocks,)](
             table,
             n_tensors,
             n_blocks,
             tau,
             one_minus_tau,
-            ONLINE_DTYPE=_TL_DTYPE[onlines[0].dtype],
+            ONLINE_DTYPE=_TL_DTYPE[dtype],
             ALIGN=align,
             BLOCK=BLOCK,
             num_warps=8,
         )
 
 
-def _ema_groups(target: list[Tensor], online: list[Tensor], tau: float, one_minus_tau: float) -> None:
-    """One launch per (device, online dtype) group; one in total for a normal model. Empty tensors
-    get no blocks in the table, so they need no filtering."""
-    if len({(t.device, o.dtype) for t, o in zip(target, online)}) == 1:
-        _ema_launch(list(target), list(online), tau, one_minus_tau)
-        return
+def plan_launches(target: list[Tensor], online: list[Tensor]) -> list[tuple]:
+    """The launches for these pairs: one per (device, online dtype) group, one in total for a normal
+    model. Empty tensors get no blocks in the table, so they need no filtering."""
     groups: dict = {}
     for t, o in zip(target, online):
         g = groups.setdefault((t.device, o.dtype), ([], []))
         g[0].append(t)
         g[1].append(o)
-    for ts, os_ in groups.values():
-        _ema_launch(ts, os_, tau, one_minus_tau)
+    return [(*_table(ts, os_), dtype, device) for (device, dtype), (ts, os_) in groups.items()]
+
+
+def run_launches(plans: list[tuple], tau: float, one_minus_tau: float) -> None:
+    for plan in plans:
+        _launch(plan, tau, one_minus_tau)
+
+
+def _ema_groups(target: list[Tensor], online: list[Tensor], tau: float, one_minus_tau: float) -> None:
+    run_launches(plan_launches(target, online), tau, one_minus_tau)
 
 
 @torch.library.custom_op("ajepa::ema_update_", mutates_args=("target",))
