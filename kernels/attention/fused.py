@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import device_guard, interpreting, new_output
+from kernels._common import cdiv, device_guard, interpreting, new_output, next_power_of_2
 from kernels.attention import tiles
 
 _LOG2E = 1.4426950408889634
@@ -257,7 +257,7 @@ def _varlen_attn_bwd_dq_kernel(
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+    return max(16, next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
 
 
 def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
@@ -289,7 +289,7 @@ def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
         return o, lse
     block_d = _block_d(head_dim)
     cfg = _config("fwd", block_d, q.dtype)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
+    grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
     with device_guard(q.device):
         _varlen_attn_fwd_kernel[grid](
             q, k, v, o, lse, cu_seqlens,
@@ -322,21 +322,21 @@ def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) 
     block_d = _block_d(head_dim)
     delta = new_output((heads, total), torch.float32, q.device)  # rowsum(dO * O)
     block_t = 64
-    _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, block_t), heads)](
+    _varlen_attn_bwd_preprocess_kernel[(cdiv(total, block_t), heads)](
         o, do, delta, total, *o.stride(), *do.stride(), delta.stride(0),
         HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d,
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     cfg = _config("dkdv", block_d, q.dtype)
-    _varlen_attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), heads, nseq)](
+    _varlen_attn_bwd_dkdv_kernel[(cdiv(max_seqlen, cfg["BLOCK_N"]), heads, nseq)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens,
         scale * _LOG2E, scale,
         *strides, *dk.stride(), *dv.stride(), lse.stride(0),
         **common, **cfg,
     )
     cfg = _config("dq", block_d, q.dtype)
-    _varlen_attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)](
+    _varlen_attn_bwd_dq_kernel[(cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)](
         q, k, v, do, lse, delta, dq, cu_seqlens,
         scale * _LOG2E, scale,
         *strides, *dq.stride(), lse.stride(0),

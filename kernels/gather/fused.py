@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import device_guard, new_output
+from kernels._common import cdiv, device_guard, new_output, next_power_of_2
 
 
 @triton.jit
@@ -143,9 +143,9 @@ def _gather_fwd_launch(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int)
         return out
     index = index.contiguous()
     n_x, sxb, sxn, sxd = _x_as_3d(x)
-    BLOCK_D = min(triton.next_power_of_2(D), 1024)
+    BLOCK_D = min(next_power_of_2(D), 1024)
     BLOCK_T = max(1, min(64, 4096 // BLOCK_D))
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))
+    grid = (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D))
     has_pos = pos is not None
     p = pos if has_pos else x
     with device_guard(x.device):
@@ -188,12 +188,12 @@ def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
     bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
     rowptr = torch.searchsorted(sorted_keys, bounds)
     fp64 = grad.dtype == torch.float64  # fp64 sums stay fp64, in one split, half the tile
-    BLOCK_D = min(triton.next_power_of_2(D), 256)
+    BLOCK_D = min(next_power_of_2(D), 256)
     BLOCK_R = max(1, min(16, (2048 if fp64 else 4096) // BLOCK_D))
     splits = 1 if fp64 else _bwd_splits(keys.numel(), n_rows)
     # SPLITS > 1: fp32 partials, summed below in split order (a fixed-shape torch reduction)
     dst = out if splits == 1 else new_output((splits * n_rows, D), torch.float32, grad.device)
-    grid = (triton.cdiv(n_rows, BLOCK_R), triton.cdiv(D, BLOCK_D), splits)
+    grid = (cdiv(n_rows, BLOCK_R), cdiv(D, BLOCK_D), splits)
     with device_guard(grad.device):
         _masked_gather_bwd_kernel[grid](
             grad,
@@ -222,9 +222,9 @@ def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
         return out
     index = index.contiguous()
     n_x, sxb, sxn, sxd = _x_as_3d(x)
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = next_power_of_2(D)
     BLOCK_T = max(1, min(16, 4096 // BLOCK_D))
-    grid = (triton.cdiv(T, BLOCK_T),)
+    grid = (cdiv(T, BLOCK_T),)
     with device_guard(x.device):
         _gather_layer_norm_fwd_kernel[grid](
             x,
