@@ -80,6 +80,19 @@ class PackedMasks:
     batch_size: int
     num_patches: int
     use_tf: bool
+    # The predictor's two gathers' backward plans (kernels.gather_segments), sorted here on the CPU:
+    pred_perm: torch.Tensor  # int64 [T_pred]: pred_index's entries sorted by destination row
+    pred_rowptr: torch.Tensor  # int64 [B*N+1]
+    out_perm: torch.Tensor  # int64 [T_tgt]: pred_out_index's entries sorted by destination row
+    out_rowptr: torch.Tensor  # int64 [T_pred+1]
+
+    @property
+    def pred_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pred_perm, self.pred_rowptr
+
+    @property
+    def out_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out_perm, self.out_rowptr
 
     def _map_tensors(self, fn) -> PackedMasks:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -123,19 +136,35 @@ def pack_masks(
     def cu(lens):
         return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
 
+    pred_index = np.concatenate(pred_parts)
+    pred_out_index = np.concatenate(out_parts).astype(np.int64)
+    pred_perm, pred_rowptr = segments(pred_index, len(per_sample) * N)
+    out_perm, out_rowptr = segments(pred_out_index, pred_offset)
     return PackedMasks(
         ctx_index=torch.from_numpy(np.concatenate(ctx_parts)),
         cu_ctx=cu(ctx_lens),
         max_ctx=int(max(ctx_lens)),
-        pred_index=torch.from_numpy(np.concatenate(pred_parts)),
+        pred_index=torch.from_numpy(pred_index),
         cu_pred=cu(pred_lens),
         max_pred=int(max(pred_lens)),
-        pred_out_index=torch.from_numpy(np.concatenate(out_parts).astype(np.int64)),
+        pred_out_index=torch.from_numpy(pred_out_index),
         tgt_index=torch.from_numpy(np.concatenate(tgt_parts)),
         batch_size=len(per_sample),
         num_patches=N,
         use_tf=use_tf,
+        pred_perm=pred_perm,
+        pred_rowptr=pred_rowptr,
+        out_perm=out_perm,
+        out_rowptr=out_rowptr,
     )
+
+
+def segments(keys: np.ndarray, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.gather_segments(keys, n_rows) in numpy: (perm, rowptr) int64, the same values (a stable
+    sort is unique). Computed in the loader workers, so the gather backward launches no sort."""
+    perm = np.argsort(keys, kind="stable").astype(np.int64)
+    rowptr = np.searchsorted(keys[perm], np.arange(n_rows + 1)).astype(np.int64)
+    return torch.from_numpy(perm), torch.from_numpy(rowptr)
 
 
 class MaskSampler:

@@ -381,6 +381,24 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(fused._varlen_attn_qkvpacked_bwd_op, (do, qkv.detach(), o, lse, cu, 11, scale))
 
 
+def test_eager_calls_skip_the_op_dispatch(monkeypatch):
+    """Eager calls launch through the autograd.Functions; the custom ops are for torch.compile only."""
+
+    def no_op(*args, **kwargs):
+        raise AssertionError("eager call went through the custom op")
+
+    for name in ("_varlen_attn_fwd_op", "_varlen_attn_bwd_op", "_varlen_attn_qkvpacked_fwd_op",
+                 "_varlen_attn_qkvpacked_bwd_op"):
+        monkeypatch.setattr(fused, name, no_op)
+    lens = [5, 0, 11]
+    cu = cu_of(lens)
+    qkv = torch.randn(sum(lens), 3, 2, 16, device=DEVICE, requires_grad=True)
+    varlen_attention_qkvpacked(qkv, cu, 11, impl="triton").square().sum().backward()
+    q, k, v = (t.detach().contiguous().requires_grad_() for t in qkv.unbind(1))
+    varlen_attention(q, k, v, cu, 11, impl="triton").square().sum().backward()
+    assert qkv.grad is not None and q.grad is not None and v.grad is not None
+
+
 def test_torch_compile_fullgraph():
     # no graph break on the op: fullgraph=True raises otherwise; forward and backward still match
     lens = [6, 0, 20]

@@ -625,3 +625,39 @@ def test_loader_bench_reports_every_path(tmp_path, capsys):
     assert payload["speedup_vs_files"]["files + CPU fbank"] == 1.0
     assert "| shards, loader only (fbank on the device) |" in capsys.readouterr().out
     assert loader.main(["--clips", "0"]) == 2
+
+
+def test_host_bench_stubs_every_launch_and_restores_them(tmp_path, monkeypatch, capsys):
+    """bench.host times the eager paths with every Triton launch stubbed out: inside, a kernel writes
+    nothing (the poisoned output stays NaN); afterwards the kernels run again. Its JSON and table list
+    every op, direct and through the custom op."""
+    from bench import host
+    from kernels import masked_gather
+
+    x = torch.randn(2, 5, 24)
+    index = torch.tensor([0, 3, 3, 9])
+    with host.stubbed_launches():
+        assert torch.isnan(masked_gather(x, index, impl="triton")).all()
+    assert torch.equal(masked_gather(x, index, impl="triton"), masked_gather(x, index, impl="reference"))
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert host.main(["--preset", "tiny", "--batch", "2", "--calls", "1"]) == 0
+    (path,) = tmp_path.glob("*_host.json")
+    rows = json.loads(path.read_text())["rows"]
+    ops = [r["op"] for r in rows]
+    assert len(ops) == 12 and {"masked_gather fwd+bwd, plan from pack_masks", "varlen_attention fwd+bwd",
+                               "layer_norm + residual fwd+bwd", "bias_gelu fwd+bwd"} <= set(ops)
+    assert all(r["host_us_direct"] > 0 for r in rows)
+    assert sum(r["host_us_custom_op"] is None for r in rows) == 2  # the EMA ops have no eager twin
+    assert "| varlen_attention fwd+bwd |" in capsys.readouterr().out
+
+
+def test_host_bench_rejects_bad_arguments(capsys):
+    from bench import host
+
+    for argv in (["--batch", "0"], ["--preset", "huge"]):
+        with pytest.raises(SystemExit) as e:
+            host.main(argv + ["--no-json"])
+        assert e.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("python -m bench.host: error:") and ("--batch" in last or "huge" in last)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, assert_within_baseline, requires_cuda
 
-from kernels.gather import fused, gather_layer_norm, masked_gather, masked_gather_ref
+from kernels.gather import fused, gather_layer_norm, gather_segments, masked_gather, masked_gather_ref
 
 FLOAT_DTYPES = [torch.float32, torch.float16]
 # DESIGN.md's rule, unchanged: the gathers copy exactly, and the scatter-add backward and the
@@ -268,11 +268,11 @@ def test_bad_input_raises(impl, k, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before validation")
 
-    monkeypatch.setattr(fused, "masked_gather_fwd_op", no_work)
+    monkeypatch.setattr(fused, "masked_gather_triton", no_work)
     with pytest.raises(ValueError, match=rf": {name}\b"):
         masked_gather(x, index, pos, impl=impl)
     if pos is None:
-        monkeypatch.setattr(fused, "gather_layer_norm_op", no_work)
+        monkeypatch.setattr(fused, "gather_layer_norm_triton", no_work)
         with pytest.raises(ValueError, match=rf": {name}\b"):
             gather_layer_norm(x, index, impl=impl)
 
@@ -294,15 +294,95 @@ def test_opcheck(device):
     x = torch.randn(2, 5, 24, device=device)
     pos = torch.randn(5, 24, device=device)
     index = torch.tensor([0, 3, 3, 9], device=device)
-    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, pos, 5))
-    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, None, 5))
+    perm, rowptr = gather_segments(index, 10)
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, pos, 5, None, None))
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, None, 5, perm, rowptr))
     g = torch.randn(4, 24, device=device)
-    torch.library.opcheck(torch.ops.ajepa.masked_gather_bwd.default, (g, index, 10))
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_bwd.default, (g, perm, rowptr, 10))
     torch.library.opcheck(torch.ops.ajepa.gather_layer_norm.default, (x, index, 1e-5))
     # inputs that need grad: opcheck also runs the autograd formula registered on the forward op
     x, pos = x.requires_grad_(), pos.requires_grad_()
-    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, pos, 5))
-    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, None, 5))
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, pos, 5, None, None))
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, None, 5, None, None))
+    torch.library.opcheck(torch.ops.ajepa.masked_gather_fwd.default, (x, index, pos, 5, perm, rowptr))
+
+
+@pytest.mark.parametrize("case", CASES + ["duplicates"])
+def test_segments_plan_gives_the_same_backward_and_no_sort(case, device, monkeypatch):
+    """With gather_segments(index) shipped in, the Triton backward equals the device-sorted one bit for
+    bit, and it launches no sort (the host-time fix: pack_masks sorts in the loader instead)."""
+    gen = torch.Generator().manual_seed(3)
+    if case == "duplicates":  # the predictor's pattern: each context repeated once per target block
+        x, pos = torch.randn(2, 6, 24, generator=gen), None
+        index = torch.tensor([0, 1, 2, 0, 1, 2, 5, 7, 8, 7, 8, 11, 11, 11])
+        x, index = x.to(device), index.to(device)
+    else:
+        x, index, _ = _case(case, device, torch.float32, gen)
+        pos = None
+    g = torch.randn(index.numel(), x.shape[-1], generator=gen).to(device)
+    plan = gather_segments(index, x.shape[:-1].numel())
+    _, (want,) = _grads(_tri, x, pos, index, g)
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the backward sorted although a plan was given")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    _, (got,) = _grads(lambda x, i, p: masked_gather(x, i, p, impl="triton", segments=plan, validate=False),
+                       x, pos, index, g)
+    assert torch.equal(got, want)
+
+
+def test_gather_segments_values():
+    index = torch.tensor([4, 1, 4, 0, 1, 4])
+    perm, rowptr = gather_segments(index, 6)
+    assert perm.tolist() == [3, 1, 4, 0, 2, 5]  # stable: equal rows keep their order
+    assert rowptr.tolist() == [0, 1, 3, 3, 3, 6, 6]
+    empty_perm, empty_ptr = gather_segments(torch.empty(0, dtype=torch.int64), 3)
+    assert empty_perm.numel() == 0 and empty_ptr.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="gather_segments: index values must lie in"):
+        gather_segments(index, 4)
+    with pytest.raises(ValueError, match="gather_segments: n_rows"):
+        gather_segments(index, -1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_bad_segments_name_the_argument(impl, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before validation")
+
+    monkeypatch.setattr(fused, "masked_gather_triton", no_work)
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    index = torch.tensor([0, 3, 3, 9], device=DEVICE)
+    perm, rowptr = gather_segments(index, 10)
+    bad = [
+        ("segments", perm),  # not a pair
+        ("segments perm", (perm.int(), rowptr)),
+        ("segments rowptr", (perm, rowptr.float())),
+        ("segments", (perm, rowptr[:-1])),  # rows of another x
+        ("segments", (perm[:3], rowptr)),  # a 1-D int64 perm of the wrong length
+    ]
+    for name, segments in bad:
+        with pytest.raises(ValueError, match=rf"masked_gather: {name}\b"):
+            masked_gather(x, index, impl=impl, segments=segments)
+    stale = gather_segments(torch.tensor([0, 3, 4, 9], device=DEVICE), 10)  # another index's plan
+    with pytest.raises(ValueError, match="segments do not match index"):
+        masked_gather(x, index, impl=impl, segments=stale)
+
+
+def test_eager_calls_skip_the_op_dispatch(monkeypatch):
+    """Eager calls launch through the autograd.Function; the custom ops are for torch.compile only."""
+
+    def no_op(*args, **kwargs):
+        raise AssertionError("eager call went through the custom op")
+
+    for name in ("masked_gather_fwd_op", "masked_gather_bwd_op", "gather_layer_norm_op"):
+        monkeypatch.setattr(fused, name, no_op)
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    pos = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    index = torch.tensor([0, 3, 3, 9], device=DEVICE)
+    masked_gather(x, index, pos, impl="triton").square().sum().backward()
+    assert x.grad is not None and pos.grad is not None
+    gather_layer_norm(x.detach(), index, impl="triton")
 
 
 def test_compile_fullgraph(device):

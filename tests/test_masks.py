@@ -131,6 +131,23 @@ def test_packing_keeps_every_samples_own_lengths():
     assert pm.tgt_index.numel() == sum(t.size for _, ts in per for t in ts)
 
 
+@pytest.mark.parametrize("use_tf", [False, True])
+def test_packing_ships_the_gather_backward_plans(use_tf):
+    """pack_masks sorts the predictor gathers' destination rows on the CPU (so the Triton backward
+    launches no sort); the plans equal what kernels.gather_segments computes from the indices."""
+    from kernels import gather_segments
+
+    cfg = get_preset("tiny")
+    pm = pack_masks([sample_masks(np.random.default_rng(j), cfg.grid, cfg.masks, use_tf) for j in range(7)],
+                    cfg.num_patches, use_tf)
+    for got, want in ((pm.pred_segments, gather_segments(pm.pred_index, 7 * cfg.num_patches)),
+                      (pm.out_segments, gather_segments(pm.pred_out_index, pm.pred_index.numel()))):
+        assert got[0].dtype == got[1].dtype == torch.int64
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    moved = pm.to("cpu")
+    assert torch.equal(moved.pred_perm, pm.pred_perm) and torch.equal(moved.out_rowptr, pm.out_rowptr)
+
+
 def test_pack_rejects_overlap():
     with pytest.raises(ValueError, match="overlap"):
         pack_masks([(np.array([0, 1, 2]), [np.array([2, 3])])], 16, False)

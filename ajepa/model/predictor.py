@@ -32,9 +32,11 @@ class Predictor(nn.Module):
         # (+ positions) builds every packed (sample, block) sequence: [context ; mask tokens].
         grid = torch.index_copy(self.mask_token.to(z.dtype).expand(B * N, -1), 0, masks.ctx_index, z)
         x = kernels.masked_gather(
-            grid.view(B, N, -1), masks.pred_index, self.pos_embed.to(z.dtype), impl=impl, validate=False
+            grid.view(B, N, -1), masks.pred_index, self.pos_embed.to(z.dtype), impl=impl, validate=False,
+            segments=masks.pred_segments,
         )  # [T_pred, Dp]
         for blk in self.blocks:
             x = blk(x, masks.cu_pred, masks.max_pred, impl)
-        x = kernels.masked_gather(x, masks.pred_out_index, impl=impl, validate=False)  # [T_tgt, Dp]
+        x = kernels.masked_gather(x, masks.pred_out_index, impl=impl, validate=False,
+                                  segments=masks.out_segments)  # [T_tgt, Dp]
         return self.proj(self.norm(x, impl=impl))

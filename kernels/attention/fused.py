@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import cdiv, device_guard, interpreting, new_output, next_power_of_2
+from kernels._common import cdiv, device_guard, interpreting, launch_directly, new_output, next_power_of_2
 from kernels.attention import tiles
 
 _LOG2E = 1.4426950408889634
@@ -365,13 +365,18 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
             q.new_empty((heads, total), dtype=torch.float32))
 
 
+def _attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu_seqlens: Tensor,
+              max_seqlen: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (new_output(q.shape, q.dtype, q.device) for _ in range(3))
+    varlen_attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
 @torch.library.custom_op("ajepa::varlen_attn_bwd", mutates_args=())
 def _varlen_attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         cu_seqlens: Tensor, max_seqlen: int,
                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = (new_output(q.shape, q.dtype, q.device) for _ in range(3))
-    varlen_attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
-    return dq, dk, dv
+    return _attn_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
 
 
 @_varlen_attn_bwd_op.register_fake
@@ -389,7 +394,8 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, do, _dlse):
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _varlen_attn_bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    bwd = _attn_bwd if launch_directly(do, q, k, v) else _varlen_attn_bwd_op
+    dq, dk, dv = bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
@@ -409,13 +415,18 @@ def _(qkv, cu_seqlens, max_seqlen, scale):
             qkv.new_empty((heads, total), dtype=torch.float32))
 
 
-@torch.library.custom_op("ajepa::varlen_attn_qkvpacked_bwd", mutates_args=())
-def _varlen_attn_qkvpacked_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor,
-                                  cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+def _attn_qkvpacked_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                        scale: float) -> Tensor:
     # writes dq, dk, dv straight into one [T, 3, H, Dh] buffer: no stack/cat copy in backward
     dqkv = new_output(qkv.shape, qkv.dtype, qkv.device)
     varlen_attn_bwd(do, *qkv.unbind(1), o, lse, cu_seqlens, max_seqlen, scale, *dqkv.unbind(1))
     return dqkv
+
+
+@torch.library.custom_op("ajepa::varlen_attn_qkvpacked_bwd", mutates_args=())
+def _varlen_attn_qkvpacked_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor,
+                                  cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
+    return _attn_qkvpacked_bwd(do, qkv, o, lse, cu_seqlens, max_seqlen, scale)
 
 
 @_varlen_attn_qkvpacked_bwd_op.register_fake
@@ -433,11 +444,36 @@ def _packed_setup_context(ctx, inputs, output):
 
 def _packed_backward(ctx, do, _dlse):
     qkv, o, lse, cu_seqlens = ctx.saved_tensors
-    dqkv = _varlen_attn_qkvpacked_bwd_op(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    bwd = _attn_qkvpacked_bwd if launch_directly(do, qkv) else _varlen_attn_qkvpacked_bwd_op
+    dqkv = bwd(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     return dqkv, None, None, None
 
 
 _varlen_attn_qkvpacked_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup_context)
+
+
+class _AttnFn(torch.autograd.Function):
+    """The eager twin of _varlen_attn_fwd_op: the same launchers, setup and backward, no op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        out = varlen_attn_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        _fwd_setup_context(ctx, (q, k, v, cu_seqlens, max_seqlen, scale), out)
+        return out
+
+    backward = staticmethod(_fwd_backward)
+
+
+class _PackedAttnFn(torch.autograd.Function):
+    """The eager twin of _varlen_attn_qkvpacked_fwd_op."""
+
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, scale):
+        out = varlen_attn_fwd(*qkv.unbind(1), cu_seqlens, max_seqlen, scale)
+        _packed_setup_context(ctx, (qkv, cu_seqlens, max_seqlen, scale), out)
+        return out
+
+    backward = staticmethod(_packed_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,14 +485,16 @@ def varlen_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                             scale: float | None = None) -> Tensor:
     """Triton varlen attention. q, k, v [T, H, Dh] (strided), cu_seqlens int32 [S+1] -> [T, H, Dh]."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _varlen_attn_fwd_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale))[0]
+    fn = _AttnFn.apply if launch_directly(q, k, v, cu_seqlens) else _varlen_attn_fwd_op
+    return fn(q, k, v, cu_seqlens, int(max_seqlen), float(scale))[0]
 
 
 def varlen_attention_qkvpacked_triton(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                                       scale: float | None = None) -> Tensor:
     """Triton varlen attention on fused qkv [T, 3, H, Dh] -> [T, H, Dh]; dqkv comes back as one buffer."""
     scale = qkv.shape[-1] ** -0.5 if scale is None else scale
-    return _varlen_attn_qkvpacked_fwd_op(qkv, cu_seqlens, int(max_seqlen), float(scale))[0]
+    fn = _PackedAttnFn.apply if launch_directly(qkv, cu_seqlens) else _varlen_attn_qkvpacked_fwd_op
+    return fn(qkv, cu_seqlens, int(max_seqlen), float(scale))[0]
 
 
 __all__ = [

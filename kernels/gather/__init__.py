@@ -55,8 +55,40 @@ def _check_args(x, index, pos, validate: bool, op: str) -> int:
     return n_pos
 
 
+def gather_segments(index: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """The backward plan of masked_gather(x, index) for x with n_rows rows: (perm, rowptr), int64.
+    perm: the entries t of index sorted by index[t] (stable); rowptr [n_rows + 1]: the bounds of each
+    row's run in perm. The Triton backward sorts on the device unless it is given this plan; ajepa's
+    pack_masks computes it on the CPU in the loader workers, so the backward launches no sort."""
+    check_index("gather_segments", "index", index, torch.int64, "[T]", "index", index)
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
+        raise ValueError(f"gather_segments: n_rows must be an int >= 0, got {n_rows!r}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_rows):
+        raise ValueError(f"gather_segments: index values must lie in [0, {n_rows}) (n_rows)")
+    perm = torch.sort(index, stable=True).indices
+    rowptr = torch.searchsorted(index[perm], torch.arange(n_rows + 1, device=index.device))
+    return perm, rowptr
+
+
+def _check_segments(segments, index: Tensor, rows: int, validate: bool, op: str) -> None:
+    if not isinstance(segments, (tuple, list)) or len(segments) != 2:
+        raise ValueError(f"{op}: segments must be a (perm, rowptr) pair from gather_segments, got "
+                         f"{type(segments).__name__}")
+    perm, rowptr = segments
+    check_index(op, "segments perm", perm, torch.int64, f"[{index.numel()}]", "index", index)
+    check_index(op, "segments rowptr", rowptr, torch.int64, f"[{rows + 1}]", "index", index)
+    if perm.shape != index.shape or rowptr.shape != (rows + 1,):
+        raise ValueError(f"{op}: segments have shapes {tuple(perm.shape)} and {tuple(rowptr.shape)}; index "
+                         f"{tuple(index.shape)} into {rows} rows needs [{index.numel()}] and [{rows + 1}]")
+    if validate:
+        want_perm, want_ptr = gather_segments(index, rows)
+        if not (torch.equal(perm, want_perm) and torch.equal(rowptr, want_ptr)):
+            raise ValueError(f"{op}: segments do not match index (build them with gather_segments(index, {rows}))")
+
+
 def masked_gather(
-    x: Tensor, index: Tensor, pos: Tensor | None = None, impl: str = "auto", validate: bool = True
+    x: Tensor, index: Tensor, pos: Tensor | None = None, impl: str = "auto", validate: bool = True,
+    segments: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Gather rows of x at flat indices, optionally adding positions.
 
@@ -67,13 +99,18 @@ def masked_gather(
     returns a new contiguous [T, D] tensor. Differentiable w.r.t. x and pos; the
     backward is a scatter-add that accumulates duplicate indices.
 
-    validate=True checks the index range (a host sync on CUDA); shape, dtype and
-    device checks always run. Bad input raises ValueError naming the argument.
+    segments: optional gather_segments(index, rows of x), the backward's sort computed ahead (by
+    pack_masks, on the CPU); the Triton backward then launches no sort. The reference path ignores it.
+
+    validate=True checks the index range and that segments match index (host syncs on CUDA); shape,
+    dtype and device checks always run. Bad input raises ValueError naming the argument.
     """
     n_pos = _check_args(x, index, pos, validate, "masked_gather")
+    if segments is not None:
+        _check_segments(segments, index, x.shape[:-1].numel(), validate, "masked_gather")
     if resolve_impl(impl, x.device, "masked_gather") == "reference":
         return masked_gather_ref(x, index, pos)
-    return _fused.masked_gather_triton(x, index, pos, n_pos)
+    return _fused.masked_gather_triton(x, index, pos, n_pos, segments)
 
 
 def gather_layer_norm(x: Tensor, index: Tensor, eps: float = 1e-5, impl: str = "auto", validate: bool = True) -> Tensor:
@@ -88,4 +125,4 @@ def gather_layer_norm(x: Tensor, index: Tensor, eps: float = 1e-5, impl: str = "
     return _fused.gather_layer_norm_triton(x, index, eps=eps)
 
 
-__all__ = ["gather_layer_norm", "gather_layer_norm_ref", "masked_gather", "masked_gather_ref"]
+__all__ = ["gather_layer_norm", "gather_layer_norm_ref", "gather_segments", "masked_gather", "masked_gather_ref"]

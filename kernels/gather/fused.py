@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import cdiv, device_guard, new_output, next_power_of_2
+from kernels._common import cdiv, device_guard, launch_directly, new_output, next_power_of_2
 
 
 @triton.jit
@@ -178,19 +178,25 @@ def _bwd_splits(n_entries: int, n_rows: int) -> int:
     return int(min(32, max(1, math.ceil(mean / 8))))
 
 
-def _gather_bwd_launch(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
-    """out[r] = sum of grad[t] over t with keys[t] == r, in a fixed order: [n_rows, D]."""
+def segments(keys: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """The backward's plan for destination rows `keys` [T] in [0, n_rows): (perm, rowptr), perm the
+    entries t sorted by keys[t] (stable: t order within a row), rowptr [n_rows + 1] the segment
+    bounds (perm[rowptr[r]:rowptr[r+1]] land in row r). On a CUDA tensor: three small launches."""
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
+    return perm, torch.searchsorted(sorted_keys, bounds)
+
+
+def _gather_bwd_launch(grad: Tensor, perm: Tensor, rowptr: Tensor, n_rows: int) -> Tensor:
+    """out[r] = sum of grad[perm[j]] for j in [rowptr[r], rowptr[r+1]), in that order: [n_rows, D]."""
     D = grad.shape[1]
     out = new_output((n_rows, D), grad.dtype, grad.device)
     if n_rows == 0 or D == 0:
         return out
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    bounds = torch.arange(n_rows + 1, dtype=keys.dtype, device=keys.device)
-    rowptr = torch.searchsorted(sorted_keys, bounds)
     fp64 = grad.dtype == torch.float64  # fp64 sums stay fp64, in one split, half the tile
     BLOCK_D = min(next_power_of_2(D), 256)
     BLOCK_R = max(1, min(16, (2048 if fp64 else 4096) // BLOCK_D))
-    splits = 1 if fp64 else _bwd_splits(keys.numel(), n_rows)
+    splits = 1 if fp64 else _bwd_splits(perm.numel(), n_rows)
     # SPLITS > 1: fp32 partials, summed below in split order (a fixed-shape torch reduction)
     dst = out if splits == 1 else new_output((splits * n_rows, D), torch.float32, grad.device)
     grid = (cdiv(n_rows, BLOCK_R), cdiv(D, BLOCK_D), splits)
@@ -246,22 +252,23 @@ def _gather_layer_norm_launch(x: Tensor, index: Tensor, eps: float) -> Tensor:
 
 # Custom ops: opaque to torch.compile (no graph break), shapes given by the fake impls.
 @torch.library.custom_op("ajepa::masked_gather_fwd", mutates_args=())
-def masked_gather_fwd_op(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
+def masked_gather_fwd_op(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int, perm: Tensor | None,
+                         rowptr: Tensor | None) -> Tensor:
     return _gather_fwd_launch(x, index, pos, n_pos)
 
 
 @masked_gather_fwd_op.register_fake
-def _(x, index, pos, n_pos):
+def _(x, index, pos, n_pos, perm, rowptr):
     return x.new_empty((index.shape[0], x.shape[-1]))
 
 
 @torch.library.custom_op("ajepa::masked_gather_bwd", mutates_args=())
-def masked_gather_bwd_op(grad: Tensor, keys: Tensor, n_rows: int) -> Tensor:
-    return _gather_bwd_launch(grad, keys, n_rows)
+def masked_gather_bwd_op(grad: Tensor, perm: Tensor, rowptr: Tensor, n_rows: int) -> Tensor:
+    return _gather_bwd_launch(grad, perm, rowptr, n_rows)
 
 
 @masked_gather_bwd_op.register_fake
-def _(grad, keys, n_rows):
+def _(grad, perm, rowptr, n_rows):
     return grad.new_empty((n_rows, grad.shape[1]))
 
 
@@ -276,37 +283,58 @@ def _(x, index, eps):
 
 
 def _gather_setup_context(ctx, inputs, output):
-    x, index, pos, n_pos = inputs
-    ctx.save_for_backward(index)
+    x, index, pos, n_pos, perm, rowptr = inputs
+    ctx.save_for_backward(index, perm, rowptr)
     ctx.x_shape, ctx.n_pos, ctx.has_pos = x.shape, n_pos, pos is not None
 
 
 def _gather_backward(ctx, grad: Tensor):
-    (index,) = ctx.saved_tensors
+    index, perm, rowptr = ctx.saved_tensors
+    bwd = _gather_bwd_launch if launch_directly(grad, index, perm, rowptr) else masked_gather_bwd_op
     grad_x = grad_pos = None
     if ctx.needs_input_grad[0]:
         n_rows = ctx.x_shape[:-1].numel()
-        grad_x = masked_gather_bwd_op(grad, index, n_rows).view(ctx.x_shape)
+        if perm is None:  # no plan shipped with the index: sort on the device
+            perm, rowptr = segments(index, n_rows)
+        grad_x = bwd(grad, perm, rowptr, n_rows).view(ctx.x_shape)
     if ctx.has_pos and ctx.needs_input_grad[2]:
         # grad_pos reduces over the batch: rows index % N
-        grad_pos = masked_gather_bwd_op(grad, index % ctx.n_pos, ctx.n_pos)
-    return grad_x, None, grad_pos, None
+        grad_pos = bwd(grad, *segments(index % ctx.n_pos, ctx.n_pos), ctx.n_pos)
+    return grad_x, None, grad_pos, None, None, None
 
 
 masked_gather_fwd_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
-def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int) -> Tensor:
+class _GatherFn(torch.autograd.Function):
+    """The eager twin of masked_gather_fwd_op: the same launcher, setup and backward, no op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, index, pos, n_pos, perm, rowptr):
+        out = _gather_fwd_launch(x, index, pos, n_pos)
+        _gather_setup_context(ctx, (x, index, pos, n_pos, perm, rowptr), out)
+        return out
+
+    backward = staticmethod(_gather_backward)
+
+
+def masked_gather_triton(x: Tensor, index: Tensor, pos: Tensor | None, n_pos: int,
+                         plan: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Triton masked gather.
 
     x [B, N, D] | [R, D], index int64 [T], pos [N, D] | None, n_pos = N -> out [T, D]:
     out[t] = x.reshape(-1, D)[index[t]] (+ pos[index[t] % N]). Backward: deterministic
-    segmented scatter-add (duplicates summed in a fixed order, fp32 accumulation).
+    segmented scatter-add (duplicates summed in a fixed order, fp32 accumulation), from `plan`
+    = segments(index, rows of x) when given, else sorted on the device.
     """
-    return masked_gather_fwd_op(x, index, pos, n_pos)
+    perm, rowptr = plan if plan is not None else (None, None)
+    fn = _GatherFn.apply if launch_directly(x, index, pos, perm, rowptr) else masked_gather_fwd_op
+    return fn(x, index, pos, n_pos, perm, rowptr)
 
 
 def gather_layer_norm_triton(x: Tensor, index: Tensor, eps: float = 1e-5) -> Tensor:
     """Triton gather + layer-norm of the gathered rows only: x [B, N, D] | [R, D], index [T] -> [T, D]."""
     with torch.no_grad():
+        if launch_directly(x, index):
+            return _gather_layer_norm_launch(x, index, float(eps))
         return gather_layer_norm_op(x, index, float(eps))
