@@ -104,6 +104,15 @@ class PackedMasks:
     def pin_memory(self) -> PackedMasks:
         return self._map_tensors(torch.Tensor.pin_memory)
 
+    def mark_dynamic(self) -> PackedMasks:
+        """Mark every index tensor's length dynamic for torch.compile: token counts change every step,
+        and one graph with symbolic lengths serves them all (no recompile per step). Returns self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        return self
+
     @property
     def num_targets(self) -> int:
         return int(self.tgt_index.numel())

@@ -113,7 +113,11 @@ class TrainStep:
         self.opt, self.fused = make_optimizer(model, cfg)
         self.params = list(model.trainable_parameters())
         wrapped = model if wrapped is None else wrapped
-        self.forward = torch.compile(wrapped) if cfg.train.compile else wrapped
+        # train.compile: one graph serves every step's token counts (PackedMasks.mark_dynamic below). It
+        # compiles at most three times: once, then once more as each max sequence length (a Python int)
+        # first changes and becomes symbolic; never again after that.
+        self.compiled = cfg.train.compile
+        self.forward = torch.compile(wrapped) if self.compiled else wrapped
         cuda_amp = device.type == "cuda" and cfg.train.amp
         self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda_amp else nullcontext
         self.zero = torch.zeros((), device=device)
@@ -130,6 +134,8 @@ class TrainStep:
     def forward_backward_step(self, spec: torch.Tensor, masks: PackedMasks,
                               target_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and gradients. Returns (this rank's part of the loss, detached; loss-is-finite flag)."""
+        if self.compiled:
+            masks.mark_dynamic()
         with self.amp():
             loss = self.forward(spec, masks)
         if self.info.world > 1:

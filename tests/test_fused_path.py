@@ -139,3 +139,34 @@ def test_fused_model_compiles_without_graph_breaks():
     bare.load_state_dict(model.state_dict())
     torch.testing.assert_close(torch.compile(bare, fullgraph=True, backend=backend)(spec, masks), bare(spec, masks),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_train_compile_does_not_recompile_every_step(impl, monkeypatch):
+    """train.compile: the token counts change every step (each sample keeps its own mask lengths), and
+    TrainStep marks them dynamic, so over eight steps of different masks the model compiles at most three
+    times (once, then once as each of the two max-length ints first changes), SIGReg's content variant
+    included. A size that something specializes (torch.Size.numel() in a backward, a size formatted into a
+    string, torch.bincount's data-dependent shape) makes it compile at every step instead."""
+    from functools import partial
+
+    from ajepa.step import TrainStep
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    cfg = micro_config(**{**PARITY, "model.sigreg_weight": 1, "model.sigreg_content": True,
+                          "train.compile": True, "train.batch_size": 3})
+    torch.manual_seed(0)
+    model = AJEPA(cfg, impl=impl)
+    step = TrainStep(model, cfg, torch.device("cpu"))
+    sampler = MaskSampler(cfg.masks, cfg.grid, STEPS)
+    spec = torch.randn(3, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counts = set()
+    for i in range(8):
+        masks = sampler(i, 3)
+        counts.add((masks.ctx_index.numel(), masks.pred_index.numel(), masks.tgt_index.numel()))
+        stats = step(spec, masks, i)
+        assert torch.isfinite(stats.loss) and stats.bad == 0
+    assert len(counts) >= 4, "the draw should change the token counts between steps"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= 3

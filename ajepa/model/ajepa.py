@@ -33,22 +33,28 @@ def normalize_targets(h: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Ten
     return (h - mean) * torch.rsqrt(var + eps)
 
 
+def _counts(keys: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """How many entries of keys fall on each of 0..n-1, as [n] floats. (Not torch.bincount: its output
+    shape depends on the data, a graph break under torch.compile.)"""
+    return torch.zeros(n, device=keys.device, dtype=dtype).index_add_(0, keys, torch.ones_like(keys, dtype=dtype))
+
+
 def position_centered(tokens: torch.Tensor, index: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Packed tokens [T, D] at flat indices `index` (sample * N + position), minus the mean of the
     batch's tokens at the same position: the part that varies with the clip. (A token whose position
     no other sample of the batch shares becomes exactly 0; shapes stay static for torch.compile.)"""
     pos = index % num_patches
-    counts = torch.bincount(pos, minlength=num_patches)
+    counts = _counts(pos, num_patches, tokens.dtype)
     sums = torch.zeros(num_patches, tokens.shape[1], device=tokens.device, dtype=tokens.dtype)
     sums = sums.index_add(0, pos, tokens)
-    mean = sums / counts.clamp_min(1).to(tokens.dtype)[:, None]
+    mean = sums / counts.clamp_min(1)[:, None]
     return tokens - mean[pos]
 
 
 def clip_means(tokens: torch.Tensor, index: torch.Tensor, num_patches: int, batch: int) -> torch.Tensor:
     """Packed tokens [T, D] at flat indices `index` (sample * N + position) -> each sample's mean token [B, D]."""
     sample = index // num_patches
-    counts = torch.bincount(sample, minlength=batch).clamp_min(1).to(tokens.dtype)
+    counts = _counts(sample, batch, tokens.dtype).clamp_min(1)
     sums = torch.zeros(batch, tokens.shape[1], device=tokens.device, dtype=tokens.dtype).index_add(0, sample, tokens)
     return sums / counts[:, None]
 

@@ -75,8 +75,8 @@ def _check_segments(segments, index: Tensor, rows: int, validate: bool, op: str)
         raise ValueError(f"{op}: segments must be a (perm, rowptr) pair from gather_segments, got "
                          f"{type(segments).__name__}")
     perm, rowptr = segments
-    check_index(op, "segments perm", perm, torch.int64, f"[{index.numel()}]", "index", index)
-    check_index(op, "segments rowptr", rowptr, torch.int64, f"[{rows + 1}]", "index", index)
+    check_index(op, "segments perm", perm, torch.int64, "[T]", "index", index)
+    check_index(op, "segments rowptr", rowptr, torch.int64, "[rows + 1]", "index", index)
     if perm.shape != index.shape or rowptr.shape != (rows + 1,):
         raise ValueError(f"{op}: segments have shapes {tuple(perm.shape)} and {tuple(rowptr.shape)}; index "
                          f"{tuple(index.shape)} into {rows} rows needs [{index.numel()}] and [{rows + 1}]")

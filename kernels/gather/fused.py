@@ -293,7 +293,7 @@ def _gather_backward(ctx, grad: Tensor):
     bwd = _gather_bwd_launch if launch_directly(grad, index, perm, rowptr) else masked_gather_bwd_op
     grad_x = grad_pos = None
     if ctx.needs_input_grad[0]:
-        n_rows = ctx.x_shape[:-1].numel()
+        n_rows = math.prod(ctx.x_shape[:-1])  # not Size.numel(): that specializes symbolic sizes under compile
         if perm is None:  # no plan shipped with the index: sort on the device
             perm, rowptr = segments(index, n_rows)
         grad_x = bwd(grad, perm, rowptr, n_rows).view(ctx.x_shape)
