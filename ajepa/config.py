@@ -105,6 +105,7 @@ class AudioConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     patch_size: int = 16
+    patch_frames: int = 0  # a patch's extent in time (frames); 0 = patch_size (square). Its extent in mel is patch_size
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -184,10 +185,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
+    def patch_shape(self) -> tuple[int, int]:
+        """A patch's (frames, mel bins): model.patch_frames (or patch_size) x model.patch_size."""
+        m = self.model
+        return (m.patch_frames or m.patch_size), m.patch_size
+
+    @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (time, frequency)."""
-        p = self.model.patch_size
-        return self.audio.target_frames // p, self.audio.num_mel_bins // p
+        pt, pf = self.patch_shape
+        return self.audio.target_frames // pt, self.audio.num_mel_bins // pf
 
     @property
     def num_patches(self) -> int:
@@ -410,6 +417,7 @@ def validate(cfg: Config) -> Config:
               model__embed_dim=m.embed_dim, model__pred_dim=m.pred_dim, model__mlp_ratio=m.mlp_ratio)
     limits = (("audio.sample_rate", a.sample_rate, 1_000_000), ("audio.num_mel_bins", a.num_mel_bins, 4096),
               ("audio.target_frames", a.target_frames, 1 << 20), ("model.patch_size", m.patch_size, 1024),
+              ("model.patch_frames", m.patch_frames, 1024),
               ("model.embed_dim", m.embed_dim, 1 << 16), ("model.pred_dim", m.pred_dim, 1 << 16),
               ("model.depth", m.depth, 1024), ("model.pred_depth", m.pred_depth, 1024),
               ("model.mlp_ratio", m.mlp_ratio, 64), ("masks.num_targets", k.num_targets, 1024),
@@ -427,12 +435,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} leaves an empty MLP hidden layer")
     if not DEVICE_PATTERN.match(t.device):
         raise ConfigError(f"train.device={_short(t.device)}; choose auto, cpu, cuda or cuda:N")
-    p = m.patch_size
-    if p < 1 or a.target_frames % p or a.num_mel_bins % p:
-        raise ConfigError(
-            f"audio.target_frames={a.target_frames} and audio.num_mel_bins={a.num_mel_bins} "
-            f"must be multiples of model.patch_size={p}"
-        )
+    if m.patch_frames < 0:
+        raise ConfigError(f"model.patch_frames={m.patch_frames} must be >= 0 (0: the same as model.patch_size)")
+    pt, pf = cfg.patch_shape
+    if pf < 1 or a.num_mel_bins % pf:
+        raise ConfigError(f"audio.num_mel_bins={a.num_mel_bins} must be a multiple of model.patch_size={pf}")
+    if a.target_frames % pt:
+        which = "model.patch_frames" if m.patch_frames else "model.patch_size"
+        raise ConfigError(f"audio.target_frames={a.target_frames} must be a multiple of {which}={pt}")
     widths = (("model.embed_dim", m.embed_dim, m.num_heads), ("model.pred_dim", m.pred_dim, m.pred_heads))
     for name, dim, heads in widths:
         if heads < 1 or dim % heads:
@@ -467,7 +477,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"masks.curriculum_c0={k.curriculum_c0} must be in [0, 1]")
     n = cfg.num_patches
     if n > MAX_PATCHES:
-        raise ConfigError(f"audio.target_frames x audio.num_mel_bins / model.patch_size^2 = {n} patches; at most "
+        raise ConfigError(f"audio.target_frames x audio.num_mel_bins / patch area = {n} patches; at most "
                           f"{MAX_PATCHES} fit one attention sequence")
     if k.min_keep < 1:
         raise ConfigError(f"masks.min_keep={k.min_keep} must be >= 1")

@@ -41,7 +41,7 @@ def _example_spec(cfg: Config, index: int, seed: int) -> tuple[np.ndarray, str]:
 def _draw_masks(ax, spec: np.ndarray, cfg: Config, ctx: np.ndarray, targets: list[np.ndarray], title: str) -> None:
     from matplotlib.patches import Rectangle
 
-    p = cfg.model.patch_size
+    pt, pf = cfg.patch_shape
     gt, gf = cfg.grid
     ax.imshow(
         spec.T,
@@ -55,16 +55,16 @@ def _draw_masks(ax, spec: np.ndarray, cfg: Config, ctx: np.ndarray, targets: lis
     hidden[ctx] = False  # patches the context encoder does not see: washed out
     shade = np.ones((gf, gt, 4))
     shade[..., 3] = hidden.reshape(gt, gf).T * 0.6
-    ax.imshow(shade, origin="lower", aspect="auto", extent=(0, gt * p, 0, gf * p), interpolation="nearest")
+    ax.imshow(shade, origin="lower", aspect="auto", extent=(0, gt * pt, 0, gf * pf), interpolation="nearest")
     colors = ("#00e5ff", "#7CFC00", "#ffd400", "#ff4fd8", "#ff8c00", "#ffffff")
     for k, tgt in enumerate(targets):
         rows, cols = tgt // gf, tgt % gf
         r0, c0 = rows.min(), cols.min()
         ax.add_patch(
             Rectangle(
-                (r0 * p, c0 * p),
-                (rows.max() - r0 + 1) * p,
-                (cols.max() - c0 + 1) * p,
+                (r0 * pt, c0 * pf),
+                (rows.max() - r0 + 1) * pt,
+                (cols.max() - c0 + 1) * pf,
                 fill=False,
                 edgecolor=colors[k % len(colors)],
                 linewidth=2.0,

@@ -24,7 +24,7 @@ class XaresEncoder(nn.Module):
         a = encoder.cfg.audio
         self.sampling_rate = a.sample_rate
         self.output_dim = encoder.dim
-        self.hop_size_in_ms = encoder.cfg.model.patch_size * a.frame_shift_ms
+        self.hop_size_in_ms = encoder.cfg.patch_shape[0] * a.frame_shift_ms
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> XaresEncoder:

@@ -60,7 +60,7 @@ def model_flops(cfg: Config, masks: PackedMasks) -> dict:
     """Matmul FLOPs of one training step on this batch of masks (see the module docstring)."""
     m = cfg.model
     B, N = masks.batch_size, masks.num_patches
-    D, Dp, p = m.embed_dim, m.pred_dim, m.patch_size
+    D, Dp, (pt, pf) = m.embed_dim, m.pred_dim, cfg.patch_shape
     hid, hid_p = int(D * m.mlp_ratio), int(Dp * m.mlp_ratio)
     ctx, pred = _lengths(masks.cu_ctx), _lengths(masks.cu_pred)
     t_ctx, t_pred, t_tgt = sum(ctx), sum(pred), masks.num_targets
@@ -71,7 +71,7 @@ def model_flops(cfg: Config, masks: PackedMasks) -> dict:
     def attention(lengths: list[int], dim: int, depth: int) -> float:  # QK^T and PV over all heads
         return 4.0 * depth * sum(s * s for s in lengths) * dim
 
-    patch = 2.0 * B * N * p * p * D
+    patch = 2.0 * B * N * pt * pf * D
     target = patch + blocks(B * N, D, hid, m.depth) + attention([N] * B, D, m.depth)
     enc_lin = blocks(t_ctx, D, hid, m.depth)
     enc_attn = attention(ctx, D, m.depth)

@@ -1,6 +1,7 @@
 """Score pretraining runs on a labelled probe set, for the ablation in docs/learning.md.
 
     python scripts/learn_eval.py --probe /work/data/speech/probe RUN_DIR [RUN_DIR ...] [--random 0 1 2] [--mel]
+                                [--set KEY=VALUE]
 
 For each encoder: linear-probe accuracy of mean-pooled target-encoder features (the probe of
 `ajepa probe`: padding-aware mean, stratified 70/30 split, split seed 0; also the mean over split
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ajepa.config import DataConfig, get_preset
+from ajepa.config import DataConfig, apply_overrides, get_preset
 from ajepa.data import build_dataset
 from ajepa.eval.embed import audio_token_mask, load_encoder, random_encoder
 from ajepa.eval.probe import linear_probe, stratified_split
@@ -58,9 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--mel", action="store_true")
     p.add_argument("--which", default="target")
     p.add_argument("--log", type=Path, default=Path("/work/runs/results.jsonl"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the --random encoders and the probe's spectrograms (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    cfg = get_preset("tiny")
+    cfg = apply_overrides(get_preset("tiny"), args.overrides)
     ds = build_dataset(DataConfig(path=args.probe, random_crop=False), cfg.audio)
     y = np.asarray(ds.labels)
     specs = torch.stack([ds.spectrogram(i) for i in range(len(ds))])
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
         acc0, acc = probe_acc(torch.stack(feats), y)
         rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4)})
     for seed in args.random:
-        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, f"random init seed {seed}"))
+        name = f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
+        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name))
     for run in args.runs:
         enc = load_encoder(run / "checkpoint.pt", args.which)
         if enc.cfg.audio != cfg.audio:

@@ -233,11 +233,12 @@ def test_probe_with_given_test_set_maps_labels_by_name(ckpt, tmp_path, capsys):
     assert "unknown_kind" in capsys.readouterr().err
 
 
-def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour():
-    from ajepa.config import get_preset
+@pytest.mark.parametrize("patch_frames", [0, 8])
+def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour(patch_frames):
+    from ajepa.config import apply_overrides, get_preset
     from ajepa.eval.embed import audio_token_mask, random_encoder
 
-    cfg = get_preset("tiny")
+    cfg = apply_overrides(get_preset("tiny"), [f"model.patch_frames={patch_frames}"])
     enc = random_encoder(cfg, seed=0)
     sr = cfg.audio.sample_rate
     g = torch.Generator().manual_seed(0)
@@ -250,7 +251,7 @@ def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour():
     gt, gf = cfg.grid
     rows = keep.view(2, gt, gf)
     real = 1 + (int(0.7 * sr) - 400) // 160  # kaldi frames of the short clip
-    assert rows[0, :, 0].sum() == -(-real // cfg.model.patch_size) and rows[1].all()
+    assert rows[0, :, 0].sum() == -(-real // (patch_frames or cfg.model.patch_size)) and rows[1].all()
     assert (rows == rows[:, :, :1]).all()  # whole time rows
     tokens = enc.embed_spec(spec, pooling="none")
     mean, mean_all = enc.embed_spec(spec, pooling="mean"), enc.embed_spec(spec, pooling="mean_all")

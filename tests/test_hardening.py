@@ -369,7 +369,7 @@ def test_long_files_are_read_only_under_the_crop(tmp_path, monkeypatch):
 
 _FIELDS = {
     "audio": ["sample_rate", "num_mel_bins", "target_frames", "frame_length_ms", "norm_mean", "norm_std"],
-    "model": ["patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "loss"],
+    "model": ["patch_size", "patch_frames", "embed_dim", "depth", "num_heads", "mlp_ratio", "loss"],
     "masks": ["mode", "context_scale", "target_scale", "target_aspect", "num_targets", "min_keep"],
     "optim": ["lr", "min_lr", "betas", "grad_clip", "ema_start", "weight_decay"],
     "data": ["path", "synth_clips", "strict"],

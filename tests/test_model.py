@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import micro_config
@@ -181,3 +182,29 @@ def test_triton_model_targets_use_the_fused_path(monkeypatch):
     model.impl = "triton"
     model.targets(spec, masks)
     assert len(seen) == 2 * cfg.model.depth + 1 and set(seen) == {"triton"}
+
+
+def test_rectangular_patches_cut_time_finer():
+    """model.patch_frames=8: 8-frame x 16-mel patches, twice the time rows of square 16 x 16 ones; the
+    patch embedding, grid, positions and constant-patch test all follow the (frames, mel) shape."""
+    from ajepa.config import ConfigError, apply_overrides, get_preset
+    from ajepa.model.ajepa import signal_patches
+
+    cfg = apply_overrides(get_preset("tiny"), ["model.patch_frames=8"])
+    assert cfg.patch_shape == (8, 16) and cfg.grid == (32, 8) and cfg.num_patches == 256
+    model = AJEPA(cfg, impl="reference")
+    spec = torch.randn(2, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+    spec[1, :, 100:] = 0.0  # constant from frame 100: rows 13.. of the second clip
+    tokens = model.encoder.forward_dense(spec, "reference")
+    assert tokens.shape == (2, 256, cfg.model.embed_dim)
+    keep = signal_patches(spec, cfg.patch_shape).view(2, 32, 8)
+    assert keep[0].all() and keep[1, :12].all() and not keep[1, 13:].any()
+    # token t * 8 + f sees frames 8t..8t+7 and mel bins 16f..16f+15: change one patch, one token moves
+    spec2 = spec.clone()
+    spec2[0, 0, 8 * 5:8 * 6, 16 * 3:16 * 4] += 1.0
+    moved = (model.encoder.patch_embed(spec2) - model.encoder.patch_embed(spec)).abs().sum(-1)[0]
+    assert moved.nonzero().flatten().tolist() == [5 * 8 + 3]
+    with pytest.raises(ConfigError, match="model.patch_frames=12"):
+        apply_overrides(get_preset("tiny"), ["model.patch_frames=12"])  # 256 frames are not rows of 12
+    with pytest.raises(ConfigError, match="model.patch_frames=-1"):
+        apply_overrides(get_preset("tiny"), ["model.patch_frames=-1"])

@@ -84,7 +84,7 @@ def audio_token_mask(spec: torch.Tensor, cfg: Config) -> torch.Tensor:
     is_pad = (spec.reshape(spec.shape[0], frames, -1) == pad).all(dim=-1)  # [B, frames]
     trailing = is_pad.flip(1).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
     real = frames - trailing
-    p = cfg.model.patch_size
+    p = cfg.patch_shape[0]  # frames per patch row
     rows = torch.where(real > 0, (real + p - 1) // p, torch.full_like(real, frames // p))  # [B]
     gt, gf = cfg.grid
     keep_row = torch.arange(gt, device=spec.device)[None, :] < rows[:, None]  # [B, Gt]
@@ -98,7 +98,7 @@ class Encoder(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg = cfg
-        self.vit = vit or ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
+        self.vit = vit or ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.eval()
         self.requires_grad_(False)
 
@@ -228,10 +228,10 @@ class Encoder(nn.Module):
     def _windows(self, waveform, sample_rate: int, hop_frames: int | None) -> tuple[torch.Tensor, list[int], int]:
         """A whole clip as windows of target_frames frames every `hop_frames` (default: target_frames,
         back to back), the last one zero-padded: (normalized specs [W, 1, T, M], window starts, frames)."""
-        a, p = self.cfg.audio, self.cfg.model.patch_size
+        a, p = self.cfg.audio, self.cfg.patch_shape[0]
         hop = a.target_frames if hop_frames is None else hop_frames
         if not 0 < hop <= a.target_frames or hop % p:
-            raise ValueError(f"hop_frames={hop_frames}: must be a multiple of the patch size {p} "
+            raise ValueError(f"hop_frames={hop_frames}: must be a multiple of the patch's {p} frames "
                              f"in {p}..{a.target_frames}")
         wave = torch.as_tensor(waveform).detach().float().cpu()
         if wave.dim() != 1 or wave.numel() == 0:
@@ -263,14 +263,14 @@ class Encoder(nn.Module):
     def frames(self, waveform, sample_rate: int, hop_frames: int | None = None,
                amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole clip [S] at any rate -> (features [C, D], centre times in ms [C]): one vector per patch
-        column (patch_size frames: 160 ms at 16 x 10 ms), the mean over its frequency patches, stitched
+        column (a patch's frames: 160 ms at 16 x 10 ms), the mean over its frequency patches, stitched
         across windows with no gap and no duplicate (each column from the last window that starts at or
         before it), up to the clip's last frame."""
         specs, starts, total = self._windows(waveform, sample_rate, hop_frames)
         tokens = self._embed_windows(specs, "none", amp)  # [W, N, D]
         gt, gf = self.cfg.grid
         columns = tokens.reshape(len(starts), gt, gf, -1).mean(dim=2)  # [W, Gt, D]
-        p = self.cfg.model.patch_size
+        p = self.cfg.patch_shape[0]
         count = -(-total // p)  # columns that hold at least one frame of the clip
         owner = [max(w for w, s in enumerate(starts) if s <= c * p) for c in range(count)]
         feats = torch.stack([columns[w, c - starts[w] // p] for c, w in enumerate(owner)])

@@ -59,11 +59,12 @@ def clip_means(tokens: torch.Tensor, index: torch.Tensor, num_patches: int, batc
     return sums / counts[:, None]
 
 
-def signal_patches(spec: torch.Tensor, patch: int) -> torch.Tensor:
+def signal_patches(spec: torch.Tensor, patch: int | tuple[int, int]) -> torch.Tensor:
     """bool [B, N]: patches of spec [B, 1, frames, mel] that are not one constant value
     (zero-padding past a clip's end and digital silence give constant log-mel patches)."""
     B = spec.shape[0]
-    p = spec.reshape(B, spec.shape[-2] // patch, patch, spec.shape[-1] // patch, patch)
+    pt, pf = (patch, patch) if isinstance(patch, int) else patch
+    p = spec.reshape(B, spec.shape[-2] // pt, pt, spec.shape[-1] // pf, pf)
     span = p.amax(dim=(2, 4)) - p.amin(dim=(2, 4))  # [B, Gt, Gf]
     return (span > 0).reshape(B, -1)
 
@@ -76,13 +77,13 @@ class AJEPA(nn.Module):
         m = cfg.model
         self.impl = impl
         self.loss_type = m.loss
-        self.patch_size = m.patch_size
+        self.patch_shape = cfg.patch_shape
         self.target_layers, self.target_norm = m.target_layers, m.target_norm
         self.signal_targets_only = m.signal_targets_only
         self.sigreg_weight, self.sigreg_projections = m.sigreg_weight, m.sigreg_projections
         self.sigreg_content, self.sigreg_clip_weight = m.sigreg_content, m.sigreg_clip_weight
         self.clip_loss_weight = m.clip_loss_weight
-        self.encoder = ViTEncoder(cfg.grid, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
+        self.encoder = ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
@@ -126,7 +127,7 @@ class AJEPA(nn.Module):
         else:
             err = F.mse_loss(pred, tgt, reduction="none")
         if self.signal_targets_only:
-            keep = signal_patches(spec, self.patch_size).reshape(-1)[masks.tgt_index].to(err.dtype)  # [T_tgt]
+            keep = signal_patches(spec, self.patch_shape).reshape(-1)[masks.tgt_index].to(err.dtype)  # [T_tgt]
             loss = (err.mean(dim=1) * keep).sum() / keep.sum().clamp_min(1.0)
         else:
             loss = err.mean()

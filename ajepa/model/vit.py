@@ -33,7 +33,7 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """[B, 1, frames, mel] -> [B, N, D], token n = t * Gf + f."""
 
-    def __init__(self, patch_size: int, dim: int):
+    def __init__(self, patch_size: int | tuple[int, int], dim: int):  # (frames, mel bins), or one int: square
         super().__init__()
         self.proj = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
 
@@ -133,7 +133,8 @@ def init_weights(module: nn.Module, depth: int) -> None:
 class ViTEncoder(nn.Module):
     """The context / target encoder: patch embedding, fixed sin-cos positions, pre-norm blocks."""
 
-    def __init__(self, grid: tuple[int, int], patch_size: int, dim: int, depth: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, grid: tuple[int, int], patch_size: int | tuple[int, int], dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float):
         super().__init__()
         self.grid = grid
         self.dim = dim
