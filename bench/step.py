@@ -167,6 +167,16 @@ def profile_steps(step_fn, n: int, top: int = 12) -> dict:
 
 
 
+def profiled_batch(used: list, times: list[float]) -> tuple[tuple, float]:
+    """The batch to profile: the one whose step set the median time (batches differ: time-frequency masks
+    make longer predictor sequences), with the median of its own timed steps. Its device time from the
+    profile over this wall time is how busy the GPU was on the step the report's median describes."""
+    order = sorted(range(len(times)), key=times.__getitem__)
+    b = used[order[len(order) // 2]]
+    own = [t for u, t in zip(used, times) if u is b]
+    return b, statistics.median(own)
+
+
 def make_batches(cfg: Config, batch_size: int, distinct: int, device: torch.device, seed: int):
     """`distinct` (step, spec, masks, flops) batches; masks from the real sampler at spread-out steps."""
     sampler = MaskSampler(cfg.masks, cfg.grid, cfg.train.steps, seed)
@@ -245,9 +255,11 @@ def run_one(
             times = [s.elapsed_time(e) for s, e in events]
         prof = None
         if profile > 0 and cuda:
-            b = batches[0]
+            b, timed_ms = profiled_batch(used, times)
             try:
                 prof = profile_steps(lambda: train_step(b), profile)
+                prof.update(mask_step=b[0], tf_masks=bool(b[2].use_tf), timed_ms=round(timed_ms, 3),
+                            device_busy_pct=round(100 * prof["device_ms_per_step"] / timed_ms, 1))
             except Exception as e:  # noqa: BLE001 - the profile is a diagnostic: never lose the timings
                 prof = {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
@@ -480,6 +492,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             if res.profile and "categories_pct" in res.profile:
                 shares = ", ".join(f"{k} {v:.1f}%" for k, v in res.profile["categories_pct"].items())
                 print(f"[step] {name} device time by kind: {shares}", flush=True)
+                pr = res.profile
+                kind = "tf" if pr["tf_masks"] else "multiblock"
+                print(f"[step] {name} profiled batch (mask step {pr['mask_step']}, {kind} masks): "
+                      f"{pr['device_ms_per_step']:.1f} ms of device time in its {pr['timed_ms']:.1f} ms step "
+                      f"({pr['device_busy_pct']:.0f}% busy)", flush=True)
             save()
             if cuda:
                 gc.collect()

@@ -661,3 +661,16 @@ def test_host_bench_rejects_bad_arguments(capsys):
         assert e.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("python -m bench.host: error:") and ("--batch" in last or "huge" in last)
+
+
+def test_the_profiled_batch_is_the_one_that_sets_the_median():
+    """The step profile runs the batch whose timed step is the median, and reports that batch's own
+    median time: profiling batch 0 (multiblock, the fastest) against the median of all batches once made
+    the GPU look idle 46 ms a step."""
+    a, b, c = ("a",), ("b",), ("c",)
+    used = [a, b, c, a, b, c, a, b, c]
+    times = [314.0, 368.6, 367.3, 320.0, 370.4, 366.9, 318.6, 368.2, 372.8]
+    batch, ms = step_bench.profiled_batch(used, times)
+    assert batch is c and ms == 367.3  # median of all nine is c's 367.3; c's own steps: 367.3, 366.9, 372.8
+    batch, ms = step_bench.profiled_batch([a, b], [10.0, 30.0])
+    assert batch is b and ms == 30.0
