@@ -122,6 +122,8 @@ class ModelConfig:
     sigreg_content: bool = False  # SIGReg on the tokens minus their per-position batch mean (the clip-varying part)
     sigreg_clip_weight: float = 0.0  # SIGReg on the clip embeddings (each clip's mean context token); 0 disables
     clip_loss_weight: float = 0.0  # L2 from each clip's mean context token to its mean target token; 0 disables
+    ctx_mel_shift: int = 0  # the context view moves each clip by up to this many mel bins (model/augment.py)
+    ctx_gain_db: float = 0.0  # the context view changes each clip's level by up to this many dB; 0 = off
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,11 @@ def validate(cfg: Config) -> Config:
     for name in ("sigreg_weight", "sigreg_clip_weight", "clip_loss_weight"):
         if not (math.isfinite(getattr(m, name)) and getattr(m, name) >= 0):
             raise ConfigError(f"model.{name}={getattr(m, name)} must be finite and >= 0")
+    if not 0 <= m.ctx_mel_shift < a.num_mel_bins:
+        raise ConfigError(f"model.ctx_mel_shift={m.ctx_mel_shift} must be in 0..{a.num_mel_bins - 1} "
+                          "(below audio.num_mel_bins)")
+    if not (math.isfinite(m.ctx_gain_db) and m.ctx_gain_db >= 0):
+        raise ConfigError(f"model.ctx_gain_db={m.ctx_gain_db} must be finite and >= 0")
     if m.sigreg_projections < 1:
         raise ConfigError(f"model.sigreg_projections={m.sigreg_projections} must be >= 1")
     if a.frontend not in FRONTENDS:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import micro_config
 
 from ajepa.config import ConfigError, apply_overrides, get_preset
 from ajepa.masks import MaskSampler
@@ -197,3 +198,59 @@ def test_clip_loss_is_the_l2_between_mean_context_and_mean_target_tokens():
         extra = ((clip_means(ctx, masks.ctx_index, cfg.num_patches, 4) - tgt) ** 2).mean()
         assert extra > 0
         torch.testing.assert_close(m(spec, masks), plain(spec, masks) + 3.0 * extra, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the context view
+
+
+def test_mel_shift_moves_each_clip_by_its_own_whole_bins():
+    from ajepa.model.augment import mel_shift
+
+    torch.manual_seed(0)
+    spec = torch.arange(8.0).repeat(3, 1, 5, 1)  # [3, 1, 5, 8]: bin m holds m
+    out = mel_shift(spec, 2)
+    for b in range(3):
+        s = int(out[b, 0, 0, 4] - 4) * -1  # content of bin m comes from bin m - s
+        assert -2 <= s <= 2
+        want = (torch.arange(8) - s).clamp(0, 7).float()
+        assert torch.equal(out[b, 0], want.repeat(5, 1))
+    torch.manual_seed(0)
+    assert torch.equal(mel_shift(spec, 2), out)  # the global RNG: reproducible under a seed
+
+
+def test_gain_moves_audio_frames_and_leaves_padding():
+    from ajepa.audio import normalize
+    from ajepa.config import AudioConfig
+    from ajepa.model.augment import context_view, gain
+
+    audio = AudioConfig()
+    pad = float(normalize(torch.zeros(()), audio))
+    spec = torch.randn(4, 1, 6, 8)
+    spec[:, :, 4:] = pad  # the last two frames of every clip are padding
+    torch.manual_seed(1)
+    out = gain(spec, 6.0, audio)
+    assert torch.equal(out[:, :, 4:], spec[:, :, 4:])
+    step = (out - spec)[:, 0, :4]  # one constant per clip over its audio frames
+    assert torch.allclose(step, step[:, :1, :1].expand_as(step))
+    most = 6.0 * math.log(10) / 10 / (2 * audio.norm_std)
+    assert (step[:, 0, 0].abs() <= most + 1e-6).all() and step[:, 0, 0].abs().max() > 0
+    assert context_view(spec, 0, 0.0, audio) is spec
+
+
+def test_the_context_view_reaches_the_context_encoder_only():
+    cfg = micro_config(**{"model.sigreg_weight": 0, "model.ctx_mel_shift": 3, "model.ctx_gain_db": 6.0})
+    plain = micro_config(**{"model.sigreg_weight": 0})
+    torch.manual_seed(0)
+    model = AJEPA(cfg, impl="reference")
+    base = AJEPA(plain, impl="reference")
+    base.load_state_dict(model.state_dict())
+    spec = torch.randn(3, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+    masks = MaskSampler(cfg.masks, cfg.grid, 10)(0, 3)
+    assert torch.equal(model.targets(spec, masks), base.targets(spec, masks))  # targets: the clean clip
+    torch.manual_seed(5)
+    augmented = model(spec, masks)
+    assert not torch.equal(augmented, base(spec, masks))
+    with pytest.raises(ConfigError, match="model.ctx_mel_shift"):
+        micro_config(**{"model.ctx_mel_shift": 10_000})
+    with pytest.raises(ConfigError, match="model.ctx_gain_db"):
+        micro_config(**{"model.ctx_gain_db": -1.0})

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import kernels
 from ajepa.config import Config
 from ajepa.masks import PackedMasks
+from ajepa.model.augment import context_view
 from ajepa.model.predictor import Predictor
 from ajepa.model.sigreg import sigreg
 from ajepa.model.vit import ViTEncoder
@@ -83,6 +84,7 @@ class AJEPA(nn.Module):
         self.sigreg_weight, self.sigreg_projections = m.sigreg_weight, m.sigreg_projections
         self.sigreg_content, self.sigreg_clip_weight = m.sigreg_content, m.sigreg_clip_weight
         self.clip_loss_weight = m.clip_loss_weight
+        self.ctx_mel_shift, self.ctx_gain_db, self.audio = m.ctx_mel_shift, m.ctx_gain_db, cfg.audio
         self.encoder = ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
@@ -116,8 +118,10 @@ class AJEPA(nn.Module):
     def forward(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
         """spec [B, 1, frames, mel] -> scalar loss, averaged over target tokens and channels
         (with model.signal_targets_only, over the target tokens whose patch holds signal), plus
-        model.sigreg_weight x SIGReg of the context encoder's output tokens."""
-        pred, ctx = self.predict(spec, masks, return_context=True)
+        model.sigreg_weight x SIGReg of the context encoder's output tokens. The context encoder sees
+        context_view(spec) (model.ctx_mel_shift / ctx_gain_db; spec itself by default), the target encoder spec."""
+        view = context_view(spec, self.ctx_mel_shift, self.ctx_gain_db, self.audio)
+        pred, ctx = self.predict(view, masks, return_context=True)
         pred = pred.float()
         tgt, tgt_clips = self.targets(spec, masks, clips=True) if self.clip_loss_weight > 0 else (
             self.targets(spec, masks), None)
