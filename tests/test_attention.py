@@ -51,6 +51,8 @@ CASES = {
     "empty_in_middle": [7, 0, 63],
     "mixed_1_7_63_130": [1, 7, 0, 63, 130],
     "empty_at_ends": [0, 33, 0],
+    # whole key blocks only (every tile's BLOCK_N divides these): no masked last block in the forward
+    "block_multiples": [128, 64, 0, 16],
 }
 
 

@@ -30,6 +30,37 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fwd_key_block(
+    acc, l_i, m_i, q, k_base, v_base, start_n, seqlen, qk_scale,
+    offs_n, offs_d, mask_d, stride_kt, stride_kd, stride_vt, stride_vd,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax. Only the sequence's last, partial key block is MASKED; full
+    blocks load and score without bounds checks. The scale goes into the exp2 argument (one FMA a score),
+    so raw scores are never rescaled on their own."""
+    cols = start_n + offs_n
+    if MASKED:
+        mask_n = cols < seqlen
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BD, BN]
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BN, BD]
+    else:
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=mask_d[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask_d[None, :], other=0.0)
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION)  # [BM, BN] raw scores
+    if MASKED:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    # running max in the log2 domain; a block always holds a valid key, so m_new is finite from the start
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _varlen_attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain, so exp2 below
@@ -67,26 +98,15 @@ def _varlen_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < seqlen
-        kT = tl.load(  # [BD, BN]
-            k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-        )
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # the first block always holds a valid key, so m_new is finite from the start
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(  # [BN, BD]
-            v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_end = (seqlen // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, start_n, seqlen, qk_scale,
+                                       offs_n, offs_d, mask_d, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       MASKED=False, DOT_PRECISION=DOT_PRECISION)
+    if full_end < seqlen:
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, full_end, seqlen, qk_scale,
+                                       offs_n, offs_d, mask_d, stride_kt, stride_kd, stride_vt, stride_vd,
+                                       MASKED=True, DOT_PRECISION=DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     o_ptrs = O + (bos + offs_m)[:, None] * stride_ot + i_h * stride_oh + offs_d[None, :]
