@@ -134,8 +134,7 @@ def cases(preset: str, batch: int):
     target = [p.detach().clone() for p in online]
     plan = kernels.EmaPlan(target, online, impl="triton")
     g_norm = (torch.randn(T_ctx, D), torch.randn(T_ctx, D))
-    with torch.no_grad():
-        yield "masked_gather fwd", gather, True
+    yield "masked_gather fwd", gather, True  # forward calls record autograd, as in training
     yield "masked_gather fwd+bwd, sorted on the device", _fwd_bwd(gather, [grid], g_pred), True
     yield "masked_gather fwd+bwd, plan from pack_masks", _fwd_bwd(gather_planned, [grid], g_pred), True
     yield "gather_layer_norm fwd", lambda: kernels.gather_layer_norm(dense, masks.tgt_index, impl="triton",
