@@ -20,7 +20,8 @@
 # Set AJEPA_COMMIT=<sha> to record the commit where no .git travels with the tree.
 # Every section runs under `timeout`, so one slow part cannot eat the others' time.
 # SECTIONS=env,bench-step (comma list) runs only those sections (e.g. a CPU dry run of the plumbing).
-# TUNE=0 skips the tuning and runs everything on the built-in tile table.
+# TUNE=0 skips the tuning and runs everything on the built-in tile table; COMPILE=1 adds the
+# train.compile step beside the eager fused one (a 240 s section of its own).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -92,6 +93,12 @@ section bench-attention 115 "$PY" -m pytest -q -p no:cacheprovider bench/test_at
 section bench-step 105 "$PY" -m bench.step --no-progress --profile-steps 3
 # the fused path at the batch the reference path fits (it runs out of memory at base B=128)
 section bench-step-b64 40 "$PY" -m bench.step --no-progress --preset base --batch-size 64 --impl triton
+# COMPILE=1: train.compile (torch.compile, dynamic token counts) against the hand-fused eager step above;
+# its warm-up time is the compile time. Off by default: the whole suite must fit one short lease.
+if [ "${COMPILE:-0}" = 1 ]; then
+    section bench-step-compile 240 "$PY" -m bench.step --no-progress --preset base --batch-size 64 --impl triton \
+        --set train.compile=true
+fi
 # the input pipeline (issue #15): the corpus is written here, so the run needs nothing from outside
 E2E=/tmp/ajepa-e2e
 section bench-loader 60 "$PY" -m bench.loader

@@ -108,6 +108,7 @@ class StepResult:
     ctx_tokens: float
     pred_tokens: float
     profile: dict | None = None
+    warmup_s: float | None = None  # the untimed warm-up steps' wall time: with train.compile, the compile time
 
 
 # kernel-name patterns of each category of the step's device time (first match wins)
@@ -229,10 +230,12 @@ def run_one(
     )
     loss = None
     try:
+        t_warm = time.perf_counter()
         for i in range(warmup):  # every distinct batch once: every kernel specialization compiles here
             loss = train_step(batches[i % len(batches)])
             bar.update(1)
         common.synchronize(device)
+        warmup_s = time.perf_counter() - t_warm
         times, used = [], []
         if cuda:
             events = [
@@ -282,6 +285,7 @@ def run_one(
         ctx_tokens=statistics.fmean(b[3]["ctx_tokens"] for b in batches),
         pred_tokens=statistics.fmean(b[3]["pred_tokens"] for b in batches),
         profile=prof,
+        warmup_s=warmup_s,
     )
 
 
@@ -334,6 +338,7 @@ def to_record(res: StepResult, floors: common.Floors, dtype: str) -> common.Reco
         ctx_tokens_per_step=res.ctx_tokens,
         pred_tokens_per_step=res.pred_tokens,
         tokens_per_sample=res.tokens_per_sample,
+        warmup_s=res.warmup_s,
     )
     if res.profile is not None:
         rec.extra["profile"] = res.profile
@@ -486,7 +491,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(
                 f"[step] {name} B={res.batch_size}: {rec.median_ms:.1f} ms/step, "
                 f"{rec.extra['samples_per_s']:.1f} samples/s, {rec.extra['tokens_per_s']:.0f} tokens/s, {mem}, "
-                f"MFU {rec.extra['mfu_pct']:.1f}%, loss {res.final_loss:.4f}",
+                f"MFU {rec.extra['mfu_pct']:.1f}%, loss {res.final_loss:.4f}, warm-up {res.warmup_s:.1f} s",
                 flush=True,
             )
             if res.profile and "categories_pct" in res.profile:
