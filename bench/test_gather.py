@@ -6,7 +6,9 @@ Shapes: the A-JEPA gathers on real sampler masks: the context encoder's (x [B, N
 index, + pos), the predictor's (grid [B, N, 512], packed (sample, block) index, + pos) and the
 target side's gather + layer norm (no pos, no grad).
 "bwd" is the backward the model runs: the gradient of x only, since ajepa's positional embeddings
-are fixed sin-cos buffers (no grad). The output gradients are drawn before timing.
+are fixed sin-cos buffers (no grad), from the sort plan the mask collator ships with the batch
+(kernels.gather_segments, computed on the CPU before timing, as the loader workers do). The output
+gradients are drawn before timing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def ijepa_gather(x: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None)
 
 
 GATHER = {
-    "triton": lambda x, i, p: kernels.masked_gather(x, i, p, impl="triton", validate=False),
+    "triton": lambda x, i, p, segments=None: kernels.masked_gather(x, i, p, impl="triton", validate=False,
+                                                                   segments=segments),
     "reference": lambda x, i, p: kernels.masked_gather(x, i, p, impl="reference", validate=False),
     "ijepa_gather": ijepa_gather,
 }
@@ -58,6 +61,7 @@ LAYER_NORM = {
 class Inputs:
     label: str
     index: torch.Tensor
+    plan: tuple[torch.Tensor, torch.Tensor]  # gather_segments(index, B * N), built on the CPU like pack_masks'
     sets: list[tuple[torch.Tensor, torch.Tensor | None]]  # (x, pos) per rotated set
     batch: int
     n: int
@@ -76,7 +80,9 @@ def inputs(device: torch.device, site: str, mode: str) -> Inputs:
         m = cases.masks_for(SCALE.preset, mode, SCALE.batch_size)
         B, N = m.batch_size, m.num_patches
         D = cfg.model.pred_dim if site == "pred" else cfg.model.embed_dim
-        index = {"enc": m.ctx_index, "pred": m.pred_index, "tgt": m.tgt_index}[site].to(device)
+        index = {"enc": m.ctx_index, "pred": m.pred_index, "tgt": m.tgt_index}[site]
+        plan = tuple(t.to(device) for t in kernels.gather_segments(index, B * N))
+        index = index.to(device)
         dtype = cases.dtype_for(device)
         elem = torch.empty((), dtype=dtype).element_size()
         with_pos = site != "tgt"
@@ -87,7 +93,7 @@ def inputs(device: torch.device, site: str, mode: str) -> Inputs:
             pos = torch.randn(N, D, device=device, dtype=dtype) if with_pos else None
             sets.append((x, pos))
         label = f"{site}/{mode}: B={B} N={N} T={index.numel()} D={D} {cases.dtype_name(dtype)}"
-        _CACHE[key] = Inputs(label, index, sets, B, N, D, elem)
+        _CACHE[key] = Inputs(label, index, plan, sets, B, N, D, elem)
     return _CACHE[key]
 
 
@@ -99,7 +105,7 @@ def test_masked_gather(site, mode, impl, op, device, measure):
     if impl == "triton":
         common.skip_unless_cuda("triton masked_gather", triton=True)
     inp = inputs(device, site, mode)
-    f = GATHER[impl]
+    f = functools.partial(GATHER[impl], segments=inp.plan) if impl == "triton" else GATHER[impl]
     x0, p0 = inp.sets[0]
     torch.testing.assert_close(f(x0, inp.index, p0), GATHER["reference"](x0, inp.index, p0), rtol=0, atol=0)
 
