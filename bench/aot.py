@@ -118,6 +118,8 @@ def attention_jobs(dtypes, block_ds, table_only: bool = False):
         "fwd": (attn._varlen_attn_fwd_kernel, "Q K V O".split(), ["LSE"]),
         "dkdv": (attn._varlen_attn_bwd_dkdv_kernel, "Q K V DO DK DV".split(), ["LSE", "DELTA"]),
         "dq": (attn._varlen_attn_bwd_dq_kernel, "Q K V DO DQ".split(), ["LSE", "DELTA"]),
+        # the one-program-per-(sequence, head) backward, on the dk/dv tiles (opt-in: SEQ_BWD_MAX_SEQLEN)
+        "seqbwd": (attn._varlen_attn_bwd_seq_kernel, "Q K V DO DK DV DQ".split(), ["LSE", "DELTA", "DQ_ACC"]),
     }
     for dtype in dtypes:
         for block_d in block_ds:
@@ -126,8 +128,9 @@ def attention_jobs(dtypes, block_ds, table_only: bool = False):
                 types = {n: f"*{_TL[dtype]}" for n in data}
                 types |= {n: "*fp32" for n in fp32}
                 types |= {"CU_SEQLENS": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}
-                table = tiles.default_tile(kind, block_d, dtype)
-                for t in [table] if table_only else tiles.candidates(kind, block_d, dtype):
+                tile_kind = "dkdv" if kind == "seqbwd" else kind
+                table = tiles.default_tile(tile_kind, block_d, dtype)
+                for t in [table] if table_only else tiles.candidates(tile_kind, block_d, dtype):
                     cfg = t.kwargs()
                     constexprs = dict(
                         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],

@@ -28,7 +28,7 @@ from bench import cases, common
 
 SUITE = "attention"
 SCALE = cases.bench_scale(common.bench_device())
-IMPLS = ["triton", "reference", "sdpa_padded", "xformers", "torch_varlen", "flex"]
+IMPLS = ["triton", "triton_seqbwd", "reference", "sdpa_padded", "xformers", "torch_varlen", "flex"]
 
 
 @dataclass
@@ -191,8 +191,24 @@ def _flex(c: Case):
     return (lambda q, k, v: (layout(q), layout(k), layout(v))), run, (lambda o: o[0].transpose(0, 1))
 
 
+def _seq_backward(fn):
+    """fn with the one-program-per-(sequence, head) backward on for every sequence up to 512
+    (kernels/attention/fused.py, SEQ_BWD_MAX_SEQLEN: off by default until a GPU run shows it pays)."""
+    from kernels.attention import fused
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        saved, fused.SEQ_BWD_MAX_SEQLEN = fused.SEQ_BWD_MAX_SEQLEN, 512
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            fused.SEQ_BWD_MAX_SEQLEN = saved
+    return wrapped
+
+
 BUILDERS = {
     "triton": functools.partial(_ours, "triton"),
+    "triton_seqbwd": functools.partial(_ours, "triton"),
     "reference": functools.partial(_ours, "reference"),
     "sdpa_padded": _sdpa_padded,
     "xformers": _xformers,
@@ -221,7 +237,7 @@ def _peer_guard(impl: str, fn):
 
 
 def _bench(site, mode, impl, op, device, measure):
-    if impl == "triton":
+    if impl.startswith("triton"):
         common.skip_unless_cuda("triton varlen_attention", triton=True)
     c = case_for(device, site, mode)
     prepare, run, unpack = _peer_guard(impl, lambda: BUILDERS[impl](c))
@@ -250,6 +266,9 @@ def _bench(site, mode, impl, op, device, measure):
 
             def step(p=p, dout=dout):
                 run(*p).backward(dout)
+
+            if impl == "triton_seqbwd":
+                step = _seq_backward(step)
 
             if i == 0:  # gradients of the first set against the reference path's
                 _peer_guard(impl, step)
@@ -286,6 +305,8 @@ def _bench(site, mode, impl, op, device, measure):
 @pytest.mark.parametrize("mode", SCALE.modes)
 @pytest.mark.parametrize("site", ["enc", "pred"])
 def test_varlen_attention(site, mode, impl, op, device, measure):
+    if impl == "triton_seqbwd" and op == "fwd":
+        pytest.skip("triton_seqbwd differs from triton in the backward only")
     _bench(site, mode, impl, op, device, measure)
 
 

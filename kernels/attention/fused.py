@@ -271,6 +271,90 @@ def _varlen_attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
+@triton.jit
+def _varlen_attn_bwd_seq_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ACC, CU_SEQLENS,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd,
+    stride_dvt, stride_dvh, stride_dvd,
+    stride_dqt, stride_dqh, stride_dqd,
+    stride_at, stride_ah,  # DQ_ACC fp32 [T, H, BLOCK_D], contiguous
+    stride_lh,  # LSE and DELTA [H, T]
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program per (head, sequence): the whole backward of the sequence. For each key block, one pass
+    # over the query blocks recomputes P once and gives dk and dv (kept in registers) and this key block's
+    # share of dq, added to the query rows' fp32 partial sums in DQ_ACC. Only this program touches those
+    # rows, so no atomics, and the sums run in a fixed order: deterministic. The last key block adds its
+    # share and writes dq itself (x sm_scale, in DQ's dtype); a sequence of one key block never reads DQ_ACC.
+    i_h = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_base = Q + bos * stride_qt + i_h * stride_qh
+    do_base = DO + bos * stride_dot + i_h * stride_doh
+    lse_base = LSE + i_h * stride_lh + bos
+    delta_base = DELTA + i_h * stride_lh + bos
+    acc_base = DQ_ACC + bos * stride_at + i_h * stride_ah
+    dq_base = DQ + bos * stride_dqt + i_h * stride_dqh
+    for start_n in range(0, seqlen, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < seqlen
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + (bos + offs_n)[:, None] * stride_kt + i_h * stride_kh + offs_d[None, :] * stride_kd,
+                    mask=mask_nd, other=0.0)  # [BN, BD]
+        v = tl.load(V + (bos + offs_n)[:, None] * stride_vt + i_h * stride_vh + offs_d[None, :] * stride_vd,
+                    mask=mask_nd, other=0.0)  # [BN, BD]
+        first = start_n == 0
+        last = start_n + BLOCK_N >= seqlen
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, seqlen, BLOCK_M):
+            offs_m = start_m + offs_m0
+            mask_m = offs_m < seqlen
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                         mask=mask_m[None, :] & mask_d[:, None], other=0.0)  # [BD, BM]
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                         mask=mask_md, other=0.0)  # [BM, BD]
+            lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+            sT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [BN, BM] raw scores
+            # padded rows/columns -> exp2(-inf) = 0 (see the dk/dv kernel)
+            pT = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], sT * qk_scale - lse[None, :], float("-inf")))
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [BM, BD], this key block's share
+            acc_ptrs = acc_base + offs_m[:, None] * stride_at + offs_d[None, :]
+            if not first:
+                dq += tl.load(acc_ptrs, mask=mask_md, other=0.0)
+            if last:
+                tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                         (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
+            else:
+                tl.store(acc_ptrs, dq, mask=mask_md)
+        tl.debug_barrier()  # this key block's partial dq rows are visible to every thread before the next reads them
+        dk *= sm_scale
+        tl.store(DK + (bos + offs_n)[:, None] * stride_dkt + i_h * stride_dkh + offs_d[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + (bos + offs_n)[:, None] * stride_dvt + i_h * stride_dvh + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +420,13 @@ def varlen_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
         _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
 
 
+# The one-program-per-(sequence, head) backward (_varlen_attn_bwd_seq_kernel) runs when max_seqlen is at most
+# this; 0 (the default) keeps the measured two-kernel backward (dk/dv, then dq) everywhere. The single kernel
+# recomputes P once instead of twice, but it has not run on a GPU yet: bench/test_attention.py times it
+# (impl "triton_seqbwd", at 512) beside the default so a GPU session can decide.
+SEQ_BWD_MAX_SEQLEN = 0
+
+
 def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
@@ -348,6 +439,17 @@ def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) 
     )
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    if max_seqlen <= SEQ_BWD_MAX_SEQLEN:
+        cfg = _config("dkdv", block_d, q.dtype)
+        # fp32 partial dq rows of sequences longer than one key block (never read for the others)
+        dq_acc = new_output((total if max_seqlen > cfg["BLOCK_N"] else 1, heads, block_d), torch.float32, q.device)
+        _varlen_attn_bwd_seq_kernel[(heads, nseq)](
+            q, k, v, do, lse, delta, dk, dv, dq, dq_acc, cu_seqlens,
+            scale * _LOG2E, scale,
+            *strides, *dk.stride(), *dv.stride(), *dq.stride(), dq_acc.stride(0), dq_acc.stride(1), lse.stride(0),
+            **common, **cfg,
+        )
+        return
     cfg = _config("dkdv", block_d, q.dtype)
     _varlen_attn_bwd_dkdv_kernel[(cdiv(max_seqlen, cfg["BLOCK_N"]), heads, nseq)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens,
