@@ -25,6 +25,7 @@ import torch
 
 from ajepa.config import MaskConfig
 from ajepa.maskgeom import Block, block_indices, sample_block, sample_targets, sample_tf_block
+from kernels import gather_segments
 
 __all__ = ["Block", "block_indices", "sample_block", "sample_tf_block"]  # re-exported: they live in maskgeom
 
@@ -145,18 +146,19 @@ def pack_masks(
     def cu(lens):
         return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
 
-    pred_index = np.concatenate(pred_parts)
-    pred_out_index = np.concatenate(out_parts).astype(np.int64)
-    pred_perm, pred_rowptr = segments(pred_index, len(per_sample) * N)
-    out_perm, out_rowptr = segments(pred_out_index, pred_offset)
+    pred_index = torch.from_numpy(np.concatenate(pred_parts))
+    pred_out_index = torch.from_numpy(np.concatenate(out_parts).astype(np.int64))
+    # the predictor gathers' backward plans, sorted here on the CPU (in the loader workers)
+    pred_perm, pred_rowptr = gather_segments(pred_index, len(per_sample) * N)
+    out_perm, out_rowptr = gather_segments(pred_out_index, pred_offset)
     return PackedMasks(
         ctx_index=torch.from_numpy(np.concatenate(ctx_parts)),
         cu_ctx=cu(ctx_lens),
         max_ctx=int(max(ctx_lens)),
-        pred_index=torch.from_numpy(pred_index),
+        pred_index=pred_index,
         cu_pred=cu(pred_lens),
         max_pred=int(max(pred_lens)),
-        pred_out_index=torch.from_numpy(pred_out_index),
+        pred_out_index=pred_out_index,
         tgt_index=torch.from_numpy(np.concatenate(tgt_parts)),
         batch_size=len(per_sample),
         num_patches=N,
@@ -167,13 +169,6 @@ def pack_masks(
         out_rowptr=out_rowptr,
     )
 
-
-def segments(keys: np.ndarray, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels.gather_segments(keys, n_rows) in numpy: (perm, rowptr) int64, the same values (a stable
-    sort is unique). Computed in the loader workers, so the gather backward launches no sort."""
-    perm = np.argsort(keys, kind="stable").astype(np.int64)
-    rowptr = np.searchsorted(keys[perm], np.arange(n_rows + 1)).astype(np.int64)
-    return torch.from_numpy(perm), torch.from_numpy(rowptr)
 
 
 class MaskSampler:
