@@ -5,6 +5,8 @@ The argument checks live here, ahead of both paths, so they reject exactly the s
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -107,7 +109,7 @@ def masked_gather(
     """
     n_pos = _check_args(x, index, pos, validate, "masked_gather")
     if segments is not None:
-        _check_segments(segments, index, x.shape[:-1].numel(), validate, "masked_gather")
+        _check_segments(segments, index, math.prod(x.shape[:-1]), validate, "masked_gather")
     if resolve_impl(impl, x.device, "masked_gather") == "reference":
         return masked_gather_ref(x, index, pos)
     return _fused.masked_gather_triton(x, index, pos, n_pos, segments)
