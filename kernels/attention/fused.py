@@ -139,6 +139,28 @@ def _varlen_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_block(
+    k, v, q_base, do_base, lse_base, delta_base, offs_m, mask_m, mask_n, offs_d, mask_d,
+    stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, DOT_PRECISION: tl.constexpr,
+):
+    """One (key block, query block) of the backward, shared by the dk/dv and the sequence kernels: loads the
+    query block's q (transposed), dO, L and delta and recomputes P; returns (qT [BD, BM], dO [BM, BD],
+    P^T [BN, BM], dS^T [BN, BM]) with dS = P * (dP - delta)."""
+    qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                 mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [BN, BM] raw scores; the scale goes into exp2's FMA
+    # padded rows/columns -> exp2(-inf) = 0: a padded key row (k = 0) would otherwise give
+    # exp2(0 - lse), which overflows for lse < -128
+    pT = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], sT * qk_scale - lse[None, :], float("-inf")))
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+    return qT, do, pT, pT * (dpT - delta[None, :])
+
+
+@triton.jit
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
     qk_scale, sm_scale,
@@ -186,19 +208,9 @@ def _varlen_attn_bwd_dkdv_kernel(
     for start_m in range(0, seqlen, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < seqlen
-        qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
-                     mask=mask_m[None, :] & mask_d[:, None], other=0.0)  # [BD, BM]
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
-        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
-        # padded rows/columns -> exp2(-inf) = 0: a padded key row (k = 0) would otherwise give
-        # exp2(0 - lse), which overflows for lse < -128
-        pT = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], sT - lse[None, :], float("-inf")))
+        qT, do, pT, dsT = _bwd_block(k, v, q_base, do_base, lse_base, delta_base, offs_m, mask_m, mask_n, offs_d,
+                                     mask_d, stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, DOT_PRECISION)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
-        dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
 
     dk *= sm_scale
@@ -325,18 +337,9 @@ def _varlen_attn_bwd_seq_kernel(
             offs_m = start_m + offs_m0
             mask_m = offs_m < seqlen
             mask_md = mask_m[:, None] & mask_d[None, :]
-            qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
-                         mask=mask_m[None, :] & mask_d[:, None], other=0.0)  # [BD, BM]
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                         mask=mask_md, other=0.0)  # [BM, BD]
-            lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-            sT = tl.dot(k, qT, input_precision=DOT_PRECISION)  # [BN, BM] raw scores
-            # padded rows/columns -> exp2(-inf) = 0 (see the dk/dv kernel)
-            pT = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], sT * qk_scale - lse[None, :], float("-inf")))
+            qT, do, pT, dsT = _bwd_block(k, v, q_base, do_base, lse_base, delta_base, offs_m, mask_m, mask_n, offs_d,
+                                         mask_d, stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, DOT_PRECISION)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
-            dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
             dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [BM, BD], this key block's share
             acc_ptrs = acc_base + offs_m[:, None] * stride_at + offs_d[None, :]
