@@ -63,7 +63,10 @@ def main(argv=None) -> int:
                    help="config override for the --random encoders and the probe's spectrograms (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    cfg = apply_overrides(get_preset("tiny"), args.overrides)
+    try:
+        cfg = apply_overrides(get_preset("tiny"), args.overrides)
+    except ValueError as e:  # ConfigError: one line, no traceback
+        p.error(str(e))
     ds = build_dataset(DataConfig(path=args.probe, random_crop=False), cfg.audio)
     y = np.asarray(ds.labels)
     specs = torch.stack([ds.spectrogram(i) for i in range(len(ds))])
@@ -79,7 +82,10 @@ def main(argv=None) -> int:
         name = f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
         rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name))
     for run in args.runs:
-        enc = load_encoder(run / "checkpoint.pt", args.which)
+        try:
+            enc = load_encoder(run / "checkpoint.pt", args.which)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
         if enc.cfg.audio != cfg.audio:
             specs_r = torch.stack([build_dataset(DataConfig(path=args.probe, random_crop=False), enc.cfg.audio)
                                    .spectrogram(i) for i in range(len(ds))])

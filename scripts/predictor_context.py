@@ -33,7 +33,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     for run in args.runs:
         path = f"{run}/checkpoint.pt"
-        state = read_checkpoint(path)
+        try:
+            state = read_checkpoint(path)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
         cfg = config_from_checkpoint(state, path)
         model = AJEPA(cfg, impl="reference")
         model.load_state_dict(state["model"], strict=False)

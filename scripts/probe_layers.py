@@ -65,7 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    cfg = apply_overrides(get_preset("tiny"), args.overrides)
+    try:
+        cfg = apply_overrides(get_preset("tiny"), args.overrides)
+    except ValueError as e:  # ConfigError: one line, no traceback
+        p.error(str(e))
 
     def specs_for(c):
         ds = build_dataset(DataConfig(path=args.probe, random_crop=False), c.audio)
@@ -76,7 +79,10 @@ def main(argv=None) -> int:
         print(json.dumps(score(random_encoder(cfg, seed), specs, y, f"random init seed {seed}")), flush=True)
     for run in args.runs:
         folder, which = (run.split(":") + ["target"])[:2]
-        enc = load_encoder(f"{folder}/checkpoint.pt", which)
+        try:
+            enc = load_encoder(f"{folder}/checkpoint.pt", which)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
         specs, y = specs_for(enc.cfg)
         print(json.dumps(score(enc, specs, y, f"{folder} ({which})")), flush=True)
     return 0
