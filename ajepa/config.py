@@ -135,6 +135,7 @@ class MaskConfig:
     num_targets: int = 4
     tf_scale: tuple[float, float] = (0.05, 0.075)
     tf_num_targets: int = 3
+    tf_time_share: float = 0.5  # share of time-frequency blocks that are time strips (the rest: frequency bands)
     min_keep: int = 10
     curriculum_c0: float = 0.01
 
@@ -480,6 +481,8 @@ def validate(cfg: Config) -> Config:
     _check_range("masks.target_aspect", k.target_aspect, 0.0, math.inf)
     if k.num_targets < 1 or k.tf_num_targets < 1:
         raise ConfigError("masks.num_targets and masks.tf_num_targets must be >= 1")
+    if not 0.0 <= k.tf_time_share <= 1.0:
+        raise ConfigError(f"masks.tf_time_share={k.tf_time_share} must be in [0, 1]")
     if not 0.0 <= k.curriculum_c0 <= 1.0:
         raise ConfigError(f"masks.curriculum_c0={k.curriculum_c0} must be in [0, 1]")
     n = cfg.num_patches
@@ -496,7 +499,7 @@ def validate(cfg: Config) -> Config:
     if k.mode != "multiblock":
         kinds.append((True, k.tf_num_targets, k.tf_scale, (1.0, 1.0), "masks.tf_num_targets/tf_scale"))
     for use_tf, num, scale, aspect, name in kinds:
-        room = context_room(cfg.grid, use_tf, num, scale, aspect, k.min_keep)
+        room = context_room(cfg.grid, use_tf, num, scale, aspect, k.min_keep, k.tf_time_share)
         if room < MIN_CONTEXT_ROOM:
             raise ConfigError(
                 f"masks.min_keep={k.min_keep}: with {name}={num}/{scale} only {room:.0%} of target draws leave "

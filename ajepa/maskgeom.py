@@ -41,13 +41,13 @@ def sample_block(rng: np.random.Generator, grid: tuple[int, int], scale, aspect)
     return _place(rng, h, w, grid)
 
 
-def sample_tf_block(rng: np.random.Generator, grid: tuple[int, int], scale) -> Block:
-    """A time-frequency block: a time strip over every frequency row, or a frequency band over a
-    contiguous stretch of time (band height 1..max(1, F // 4) patches). A-JEPA does not publish
-    its exact geometry; this is ours."""
+def sample_tf_block(rng: np.random.Generator, grid: tuple[int, int], scale, time_share: float = 0.5) -> Block:
+    """A time-frequency block: with probability `time_share` a time strip over every frequency row,
+    else a frequency band over a contiguous stretch of time (band height 1..max(1, F // 4) patches).
+    A-JEPA does not publish its exact geometry; this is ours."""
     H, W = grid
     area = rng.uniform(*scale) * H * W
-    if rng.random() < 0.5:  # time strip
+    if rng.random() < time_share:  # time strip
         h, w = min(H, max(1, round(area / W))), W
     else:  # frequency band
         w = int(rng.integers(1, max(1, W // 4) + 1))
@@ -63,10 +63,11 @@ def block_indices(block: Block, grid: tuple[int, int]) -> np.ndarray:
 
 
 def sample_targets(rng: np.random.Generator, grid: tuple[int, int], use_tf: bool, num: int, scale,
-                   aspect) -> list[np.ndarray]:
-    """`num` target blocks as sorted int64 token indices (time-frequency blocks when `use_tf`)."""
+                   aspect, time_share: float = 0.5) -> list[np.ndarray]:
+    """`num` target blocks as sorted int64 token indices (time-frequency blocks when `use_tf`, a
+    `time_share` of them time strips)."""
     if use_tf:
-        blocks = [sample_tf_block(rng, grid, scale) for _ in range(num)]
+        blocks = [sample_tf_block(rng, grid, scale, time_share) for _ in range(num)]
     else:
         blocks = [sample_block(rng, grid, scale, aspect) for _ in range(num)]
     return [np.sort(block_indices(b, grid)).astype(np.int64) for b in blocks]
@@ -77,7 +78,7 @@ FEASIBILITY_DRAWS = 64
 
 @functools.lru_cache(maxsize=256)
 def context_room(grid: tuple[int, int], use_tf: bool, num: int, scale: tuple[float, float],
-                 aspect: tuple[float, float], min_keep: int) -> float:
+                 aspect: tuple[float, float], min_keep: int, time_share: float = 0.5) -> float:
     """The share of target sets (FEASIBILITY_DRAWS of them, from a fixed seed) that leave at least
     `min_keep` uncovered patches for the context. The sampler redraws the others, so a share near 0
     means a run would stall; the config check refuses those settings up front."""
@@ -86,7 +87,7 @@ def context_room(grid: tuple[int, int], use_tf: bool, num: int, scale: tuple[flo
     ok = 0
     for _ in range(FEASIBILITY_DRAWS):
         covered = np.zeros(n, dtype=bool)
-        for t in sample_targets(rng, grid, use_tf, num, scale, aspect):
+        for t in sample_targets(rng, grid, use_tf, num, scale, aspect, time_share):
             covered[t] = True
         ok += int(n - covered.sum() >= min_keep)
     return ok / FEASIBILITY_DRAWS

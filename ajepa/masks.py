@@ -44,7 +44,7 @@ def sample_masks(
     refuses targets that can never leave that many)."""
     for _ in range(max_target_draws):
         if use_tf:
-            targets = sample_targets(rng, grid, True, cfg.tf_num_targets, cfg.tf_scale, None)
+            targets = sample_targets(rng, grid, True, cfg.tf_num_targets, cfg.tf_scale, None, cfg.tf_time_share)
         else:
             targets = sample_targets(rng, grid, False, cfg.num_targets, cfg.target_scale, cfg.target_aspect)
         covered = np.zeros(grid[0] * grid[1], dtype=bool)

@@ -41,6 +41,7 @@ def test_overrides_are_typed():
     ("model.num_heads=5", "divisible"),
     ("steps=3", "section.key=value"),
     ("masks.tf_scale=0,0.05", "masks.tf_scale"),
+    ("masks.tf_time_share=1.5", "masks.tf_time_share"),
     ("masks.context_scale=0.5,1.2", "masks.context_scale"),
     ("masks.num_targets=40", "min_keep"),
     ("train.keep_last=-1", "train.keep_last"),

@@ -62,6 +62,15 @@ def test_tf_blocks_are_time_strips_or_frequency_bands():
     assert kinds == {"strip", "band"}
 
 
+@pytest.mark.parametrize("share,kind", [(1.0, "strip"), (0.0, "band")])
+def test_tf_time_share_picks_the_block_kind(share, kind):
+    grid = (16, 8)
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        _, _, _, w = sample_tf_block(rng, grid, (0.1, 0.2), share)
+        assert (w == grid[1]) == (kind == "strip")
+
+
 @pytest.mark.parametrize("sampler", [lambda r, g: sample_block(r, g, (0.15, 0.2), (0.75, 1.5)),
                                      lambda r, g: sample_tf_block(r, g, (0.05, 0.075))])
 def test_last_row_and_column_reachable(sampler):
