@@ -410,6 +410,17 @@ def test_triton_rejects_float64_and_too_many_sequences():
         varlen_attention(empty, empty, empty, cu, 0, impl="triton")
 
 
+def test_triton_refuses_offsets_past_int32():
+    # in-sequence offsets are int32 in the kernels: max_seqlen x the row stride must stay below 2^31
+    args = _args(dtype=torch.float32)
+    row = args["q"].stride(0)
+    fits = (2**31 - 1 - args["q"].shape[2]) // row
+    assert fused.offsets_fit_int32(fits, args["q"]) and not fused.offsets_fit_int32(fits + 1, args["q"])
+    with pytest.raises(ValueError, match="max_seqlen=.*2\\^31"):
+        varlen_attention(**{**args, "max_seqlen": fits + 1}, impl="triton", validate=False)
+
+
+
 # ------------------------------------------------------------------------------- custom ops
 
 

@@ -77,7 +77,7 @@ def _check_values(cu_seqlens: Tensor, total: int, max_seqlen: int) -> None:
         raise ValueError(f"{_OP}: max_seqlen={max_seqlen} < longest sequence length {max_len}")
 
 
-def _check_triton_support(q: Tensor, cu_seqlens: Tensor) -> None:
+def _check_triton_support(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
     """Limits of the Triton path beyond the op's own checks (no device sync)."""
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"{_OP}: impl='triton' supports q dtypes {_TRITON_DTYPES}, got {q.dtype}")
@@ -86,6 +86,9 @@ def _check_triton_support(q: Tensor, cu_seqlens: Tensor) -> None:
     if cu_seqlens.numel() - 1 > MAX_SEQUENCES:
         raise ValueError(f"{_OP}: cu_seqlens holds {cu_seqlens.numel() - 1} sequences; "
                          f"impl='triton' supports at most {MAX_SEQUENCES}")
+    if not _fused.offsets_fit_int32(max_seqlen, q, k, v):
+        raise ValueError(f"{_OP}: max_seqlen={max_seqlen} x the q/k/v row stride passes 2^31 elements; "
+                         "impl='triton' computes in-sequence offsets in int32")
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scale, impl: str,
@@ -96,7 +99,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen, scal
     if validate:
         _check_values(cu_seqlens, q.shape[0], max_seqlen)
     if path == "triton":
-        _check_triton_support(q, cu_seqlens)
+        _check_triton_support(q, k, v, cu_seqlens, max_seqlen)
     return path, float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 

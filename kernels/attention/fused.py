@@ -6,6 +6,8 @@ log2(e)-scaled scores) so the backward recomputes P = exp2(s * qk_scale - lse) w
 
 Grid of every per-sequence kernel: (cdiv(max_seqlen, BLOCK), H, S); a program reads its
 sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end.
+Offsets inside a sequence (row x row stride, column x column stride) are int32; only the base pointers
+(sequence start, head) are int64. The entry points refuse max_seqlen x row stride past 2^31 elements.
 The backward is deterministic: dk/dv per key block loop over the sequence's query blocks, dq per
 query block loops over key blocks; no atomics.
 
@@ -75,11 +77,12 @@ def _varlen_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2).to(tl.int64)
-    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    i_s = tl.program_id(2)
+    bos32 = tl.load(CU_SEQLENS + i_s)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32, as every in-sequence offset below
+    bos = bos32.to(tl.int64)  # base pointers in int64
     start_m = i_m * BLOCK_M
     if start_m >= seqlen:  # query block past the end of a short sequence
         return
@@ -90,7 +93,7 @@ def _varlen_attn_fwd_kernel(
     mask_m = offs_m < seqlen
     mask_d = offs_d < HEAD_DIM  # Dh padded to a power of 2
 
-    q_ptrs = Q + (bos + offs_m)[:, None] * stride_qt + i_h * stride_qh + offs_d[None, :] * stride_qd
+    q_ptrs = Q + bos * stride_qt + i_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BM, BD]
     k_base = K + bos * stride_kt + i_h * stride_kh
     v_base = V + bos * stride_vt + i_h * stride_vh
@@ -109,7 +112,7 @@ def _varlen_attn_fwd_kernel(
                                        MASKED=True, DOT_PRECISION=DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + (bos + offs_m)[:, None] * stride_ot + i_h * stride_oh + offs_d[None, :]
+    o_ptrs = O + bos * stride_ot + i_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + i_h * stride_lh + bos + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
@@ -178,11 +181,12 @@ def _varlen_attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # one key block of one (head, sequence); loops over all of the sequence's query blocks
-    i_n = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2).to(tl.int64)
-    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    i_s = tl.program_id(2)
+    bos32 = tl.load(CU_SEQLENS + i_s)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
+    bos = bos32.to(tl.int64)
     start_n = i_n * BLOCK_N
     if start_n >= seqlen:
         return
@@ -194,9 +198,9 @@ def _varlen_attn_bwd_dkdv_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(K + (bos + offs_n)[:, None] * stride_kt + i_h * stride_kh + offs_d[None, :] * stride_kd,
+    k = tl.load(K + bos * stride_kt + i_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=mask_nd, other=0.0)  # [BN, BD]
-    v = tl.load(V + (bos + offs_n)[:, None] * stride_vt + i_h * stride_vh + offs_d[None, :] * stride_vd,
+    v = tl.load(V + bos * stride_vt + i_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=mask_nd, other=0.0)  # [BN, BD]
     q_base = Q + bos * stride_qt + i_h * stride_qh
     do_base = DO + bos * stride_dot + i_h * stride_doh
@@ -214,9 +218,9 @@ def _varlen_attn_bwd_dkdv_kernel(
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + (bos + offs_n)[:, None] * stride_dkt + i_h * stride_dkh + offs_d[None, :] * stride_dkd,
+    tl.store(DK + bos * stride_dkt + i_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + (bos + offs_n)[:, None] * stride_dvt + i_h * stride_dvh + offs_d[None, :] * stride_dvd,
+    tl.store(DV + bos * stride_dvt + i_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
@@ -237,11 +241,12 @@ def _varlen_attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # one query block of one (head, sequence); loops over all of the sequence's key blocks
-    i_m = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(0)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2).to(tl.int64)
-    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    i_s = tl.program_id(2)
+    bos32 = tl.load(CU_SEQLENS + i_s)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
+    bos = bos32.to(tl.int64)
     start_m = i_m * BLOCK_M
     if start_m >= seqlen:
         return
@@ -253,9 +258,9 @@ def _varlen_attn_bwd_dq_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + (bos + offs_m)[:, None] * stride_qt + i_h * stride_qh + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + bos * stride_qt + i_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                 mask=mask_md, other=0.0)  # [BM, BD]
-    do = tl.load(DO + (bos + offs_m)[:, None] * stride_dot + i_h * stride_doh + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + bos * stride_dot + i_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=mask_md, other=0.0)  # [BM, BD]
     lse = tl.load(LSE + i_h * stride_lh + bos + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + i_h * stride_lh + bos + offs_m, mask=mask_m, other=0.0)
@@ -279,7 +284,7 @@ def _varlen_attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
 
     dq *= sm_scale
-    tl.store(DQ + (bos + offs_m)[:, None] * stride_dqt + i_h * stride_dqh + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + bos * stride_dqt + i_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 
@@ -308,9 +313,10 @@ def _varlen_attn_bwd_seq_kernel(
     # rows, so no atomics, and the sums run in a fixed order: deterministic. The last key block adds its
     # share and writes dq itself (x sm_scale, in DQ's dtype); a sequence of one key block never reads DQ_ACC.
     i_h = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
-    bos = tl.load(CU_SEQLENS + i_s).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + i_s + 1).to(tl.int64) - bos
+    i_s = tl.program_id(1)
+    bos32 = tl.load(CU_SEQLENS + i_s)
+    seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
+    bos = bos32.to(tl.int64)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -321,14 +327,16 @@ def _varlen_attn_bwd_seq_kernel(
     delta_base = DELTA + i_h * stride_lh + bos
     acc_base = DQ_ACC + bos * stride_at + i_h * stride_ah
     dq_base = DQ + bos * stride_dqt + i_h * stride_dqh
+    k_base = K + bos * stride_kt + i_h * stride_kh
+    v_base = V + bos * stride_vt + i_h * stride_vh
+    dk_base = DK + bos * stride_dkt + i_h * stride_dkh
+    dv_base = DV + bos * stride_dvt + i_h * stride_dvh
     for start_n in range(0, seqlen, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < seqlen
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + (bos + offs_n)[:, None] * stride_kt + i_h * stride_kh + offs_d[None, :] * stride_kd,
-                    mask=mask_nd, other=0.0)  # [BN, BD]
-        v = tl.load(V + (bos + offs_n)[:, None] * stride_vt + i_h * stride_vh + offs_d[None, :] * stride_vd,
-                    mask=mask_nd, other=0.0)  # [BN, BD]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
         first = start_n == 0
         last = start_n + BLOCK_N >= seqlen
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -352,15 +360,24 @@ def _varlen_attn_bwd_seq_kernel(
                 tl.store(acc_ptrs, dq, mask=mask_md)
         tl.debug_barrier()  # this key block's partial dq rows are visible to every thread before the next reads them
         dk *= sm_scale
-        tl.store(DK + (bos + offs_n)[:, None] * stride_dkt + i_h * stride_dkh + offs_d[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(DV + (bos + offs_n)[:, None] * stride_dvt + i_h * stride_dvh + offs_d[None, :] * stride_dvd,
-                 dv.to(DV.dtype.element_ty), mask=mask_nd)
+        tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+                 mask=mask_nd)
+        tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+                 mask=mask_nd)
 
 
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 # ---------------------------------------------------------------------------------------------
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def offsets_fit_int32(max_seqlen: int, *tensors: Tensor) -> bool:
+    """Whether every in-sequence offset (row x row stride + column x column stride, in elements) of these
+    [T, H, Dh] tensors fits int32, as the kernels compute them; base pointers (sequence start, head) are int64."""
+    return all(max_seqlen * abs(t.stride(0)) + t.shape[2] * abs(t.stride(2)) <= _INT32_MAX for t in tensors)
 
 
 def _block_d(head_dim: int) -> int:
@@ -433,6 +450,9 @@ SEQ_BWD_MAX_SEQLEN = 0
 def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:
     total, heads, head_dim = q.shape
     nseq = cu_seqlens.numel() - 1
+    if not offsets_fit_int32(max_seqlen, do, dq, dk, dv):
+        raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} x the row stride of do/dq/dk/dv passes 2^31 "
+                         "elements; the kernels' in-sequence offsets are int32")
     block_d = _block_d(head_dim)
     delta = new_output((heads, total), torch.float32, q.device)  # rowsum(dO * O)
     block_t = 64
