@@ -674,3 +674,16 @@ def test_the_profiled_batch_is_the_one_that_sets_the_median():
     assert batch is c and ms == 367.3  # median of all nine is c's 367.3; c's own steps: 367.3, 366.9, 372.8
     batch, ms = step_bench.profiled_batch([a, b], [10.0, 30.0])
     assert batch is b and ms == 30.0
+
+
+def test_grid_counts_live_and_dead_programs():
+    from bench import grid
+
+    # blocks of 16 over lengths 5, 0, 33 with max_seqlen 33: 1 + 0 + 3 live of 3 x 3
+    assert grid.grid_use([5, 0, 33], 33, 16) == (4, 9)
+    rows = grid.measure("tiny", 4)
+    kinds = {(m, s, k) for m in ("multiblock", "tf") for s in ("context encoder", "predictor")
+             for k in ("fwd", "dq", "dkdv")}
+    assert {(r["masks"], r["sequences"], r["kernel"]) for r in rows} == kinds
+    for r in rows:
+        assert 0 < r["live"] <= r["grid"] and r["grid"] == r["n_seq"] * -(-r["max_seqlen"] // r["block"])
