@@ -97,6 +97,10 @@ class AudioConfig:
     # AudioMAE's AudioSet statistics; `ajepa stats` computes a dataset's own.
     norm_mean: float = -4.2677393
     norm_std: float = 4.5689974
+    # Replace norm_mean/norm_std by the training data's own fbank mean and std (ajepa.stats.resolve_auto_norm,
+    # over up to 256 clips spread across the dataset) before training starts. The run's config.yaml and
+    # checkpoints record the values with auto_norm false, so every later use of the run normalizes alike.
+    auto_norm: bool = False
     # Where the fbank runs: "cpu" per clip in the loader workers, "gpu" batched on the training device
     # (ajepa.audio.batch_fbank; workers only read and crop audio), "auto": gpu on CUDA, else cpu.
     frontend: str = "auto"
@@ -211,7 +215,7 @@ def _preset_tiny() -> Config:
     # at 1e-3 (batch 16) the speech probe stayed at random init's level; see docs/learning.md.
     # A-JEPA's objective alone (no SIGReg): --set model.sigreg_weight=0; the tiny recipe before: add optim.lr=1e-3.
     return Config(
-        audio=AudioConfig(target_frames=256),
+        audio=AudioConfig(target_frames=256, auto_norm=True),
         model=ModelConfig(embed_dim=192, depth=4, num_heads=3, pred_dim=96, pred_depth=2, pred_heads=3,
                           sigreg_weight=1.0, sigreg_content=True),
         optim=OptimConfig(lr=2e-4, min_lr=1e-5, warmup_steps=30),

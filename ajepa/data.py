@@ -181,6 +181,8 @@ class AudioFileDataset(SpecDataset):
 
     def raw_fbank(self, i: int) -> torch.Tensor:
         wave, sr = load_audio(self.paths[i])
+        if wave.numel() == 0:  # as training's loader: such a file is bad, not one frame of silence
+            raise AudioError(f"{self.paths[i]}: empty waveform (0 samples)")
         return fbank(resample(wave, sr, self.audio.sample_rate), self.audio)
 
     def crop(self, i: int, generator=None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from ajepa.masks import MaskSampler
 from ajepa.model import AJEPA
 from ajepa.model.health import CollapseWatch, health_stats
 from ajepa.runfolder import CheckpointWriteError, MetricsLog, RunLock, StopSignals
+from ajepa.stats import resolve_auto_norm
 from ajepa.step import DeviceCounters, StepStats, TrainStep, weights_finite
 
 log = logging.getLogger("ajepa")
@@ -85,6 +87,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         out = Path(out)
+        cfg, stats = resolve_auto_norm(cfg)  # the data's own fbank statistics, before the dataset normalizes with them
+        if stats is not None and info.is_main and progress:
+            print(f"audio.auto_norm: norm_mean={cfg.audio.norm_mean:.4f} norm_std={cfg.audio.norm_std:.4f} from "
+                  f"{stats.frames} frames of the data (recorded in {out / 'config.yaml'})", file=sys.stderr)
         dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # bad --data fails before any write
         check_world_size(cfg, info.world)
         if not info.is_main:

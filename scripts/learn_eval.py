@@ -26,6 +26,7 @@ from ajepa.data import build_dataset
 from ajepa.eval.embed import audio_token_mask, load_encoder, random_encoder
 from ajepa.eval.probe import linear_probe, stratified_split
 from ajepa.model.health import health_stats, rankme
+from ajepa.stats import resolve_auto_norm
 
 SPLIT_SEEDS = (0, 1, 2)
 
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     try:
         cfg = apply_overrides(get_preset("tiny"), args.overrides)
-    except ValueError as e:  # ConfigError: one line, no traceback
+        # audio.auto_norm (the tiny default): the random encoders normalize by the probe set's own statistics, as
+        # `ajepa probe --random-init` does; pin the pretraining set's with --set audio.auto_norm=false
+        # --set audio.norm_mean=M --set audio.norm_std=S (what `ajepa stats --data PRETRAIN` prints)
+        cfg, _ = resolve_auto_norm(cfg, DataConfig(path=args.probe, random_crop=False))
+    except ValueError as e:  # ConfigError or unreadable data: one line, no traceback
         p.error(str(e))
     ds = build_dataset(DataConfig(path=args.probe, random_crop=False), cfg.audio)
     y = np.asarray(ds.labels)
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         acc0, acc = probe_acc(torch.stack(feats), y)
         rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4)})
     for seed in args.random:
-        name = f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
+        name = (f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
+                + f" (norm {cfg.audio.norm_mean:.3f}/{cfg.audio.norm_std:.3f})")
         rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name))
     for run in args.runs:
         try:

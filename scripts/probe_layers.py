@@ -20,6 +20,7 @@ from ajepa.config import DataConfig, apply_overrides, get_preset
 from ajepa.data import build_dataset
 from ajepa.eval.embed import audio_token_mask, load_encoder, random_encoder
 from ajepa.eval.probe import linear_probe, stratified_split
+from ajepa.stats import resolve_auto_norm
 
 
 def acc3(x: torch.Tensor, y: np.ndarray) -> float:
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     try:
         cfg = apply_overrides(get_preset("tiny"), args.overrides)
-    except ValueError as e:  # ConfigError: one line, no traceback
+        # audio.auto_norm: random encoders normalize by the probe set's own statistics (as `ajepa probe --random-init`)
+        cfg, _ = resolve_auto_norm(cfg, DataConfig(path=args.probe, random_crop=False))
+    except ValueError as e:  # ConfigError or unreadable data: one line, no traceback
         p.error(str(e))
 
     def specs_for(c):

@@ -73,7 +73,13 @@ def _dataset(enc, data: str | None, clips: int, corpus_seed: int):
 
     if clips < 1:
         raise ValueError(f"--clips must be >= 1, got {clips}")
-    return build_dataset(DataConfig(path=data, synth_clips=clips, random_crop=False), enc.cfg.audio, seed=corpus_seed)
+    data_cfg = DataConfig(path=data, synth_clips=clips, random_crop=False)
+    if enc.cfg.audio.auto_norm:  # a --random-init encoder from a preset: normalize by this data's own statistics,
+        from ajepa.stats import resolve_auto_norm  # once (a later --test-data reuses them)
+
+        resolved, _ = resolve_auto_norm(replace(enc.cfg, train=replace(enc.cfg.train, seed=corpus_seed)), data_cfg)
+        enc.cfg = replace(enc.cfg, audio=resolved.audio)
+    return build_dataset(data_cfg, enc.cfg.audio, seed=corpus_seed)
 
 
 def _source(args) -> str:
