@@ -87,24 +87,34 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         out = Path(out)
-        cfg, stats = resolve_auto_norm(cfg)  # the data's own fbank statistics, before the dataset normalizes with them
-        if stats is not None and info.is_main and progress:
-            print(f"audio.auto_norm: norm_mean={cfg.audio.norm_mean:.4f} norm_std={cfg.audio.norm_std:.4f} from "
-                  f"{stats.frames} frames of the data (recorded in {out / 'config.yaml'})", file=sys.stderr)
         dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # bad --data fails before any write
         check_world_size(cfg, info.world)
         if not info.is_main:
+            cfg, dataset = _auto_norm(cfg, dataset, announce=False)
             return Trainer(cfg, out, info, device, dataset, resume, progress, max_steps).fit()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(exc.errno, f"--out {out}: cannot create the run folder ({exc.strerror})") from None
-        with RunLock(out):
+        with RunLock(out):  # a locked or unwritable --out fails before the statistics are measured
+            cfg, dataset = _auto_norm(cfg, dataset, announce=progress)
             return Trainer(cfg, out, info, device, dataset, resume, progress, max_steps).fit()
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         if info.owned:
             dist.destroy_process_group()
+
+
+def _auto_norm(cfg: Config, dataset, announce: bool):
+    """With audio.auto_norm: cfg with the data's own fbank statistics (measured on `dataset`; every rank
+    measures the same clips) and the dataset rebuilt to normalize with them. Otherwise (cfg, dataset)."""
+    resolved, stats = resolve_auto_norm(cfg, dataset=dataset)
+    if stats is None:
+        return cfg, dataset
+    if announce:
+        print(f"audio.auto_norm: norm_mean={resolved.audio.norm_mean:.4f} norm_std={resolved.audio.norm_std:.4f} "
+              f"measured on {stats.frames} frames of the data", file=sys.stderr)
+    return resolved, build_dataset(resolved.data, resolved.audio, resolved.train.seed)
 
 
 class Trainer:

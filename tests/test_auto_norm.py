@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import micro_config
 
+import ajepa.trainer as trainer_mod
 from ajepa.config import AudioConfig, DataConfig, get_preset, load_config
 from ajepa.data import build_dataset
+from ajepa.runfolder import RunFolderLockedError, RunLock
 from ajepa.stats import AUTO_NORM_CLIPS, dataset_stats, resolve_auto_norm
 from ajepa.trainer import train
-from tests.helpers import micro_config
 
 
 def test_tiny_preset_normalizes_by_its_data_and_base_keeps_audioset_statistics():
@@ -53,6 +55,23 @@ def test_training_records_the_statistics_it_used(tmp_path):
     assert saved.audio == expected.audio and not saved.audio.auto_norm
     # resuming with the preset's flag resolves to the same values, so the checkpoint's audio config matches
     train(replace(cfg, train=replace(cfg.train, steps=4)), tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_locked_run_folder_fails_before_the_statistics_are_measured(tmp_path, monkeypatch):
+    measured = []
+
+    def counting(*args, **kwargs):
+        measured.append(1)
+        return resolve_auto_norm(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "resolve_auto_norm", counting)
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out), pytest.raises(RunFolderLockedError):
+        train(micro_config(**{"train.steps": 2}), out, progress=False)
+    assert measured == []
+    train(micro_config(**{"train.steps": 2}), out, progress=False)  # released: measured once, then trained
+    assert measured == [1] and not load_config(out / "config.yaml").audio.auto_norm
 
 
 def test_silent_data_is_refused_by_name(tmp_path):
