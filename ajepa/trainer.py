@@ -87,17 +87,16 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         out = Path(out)
-        dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # bad --data fails before any write
         check_world_size(cfg, info.world)
+        dataset = build_dataset(cfg.data, cfg.audio, cfg.train.seed)  # bad --data fails before any write,
+        cfg, dataset = _auto_norm(cfg, dataset, announce=progress and info.is_main)  # unreadable or silent too
         if not info.is_main:
-            cfg, dataset = _auto_norm(cfg, dataset, announce=False)
             return Trainer(cfg, out, info, device, dataset, resume, progress, max_steps).fit()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(exc.errno, f"--out {out}: cannot create the run folder ({exc.strerror})") from None
-        with RunLock(out):  # a locked or unwritable --out fails before the statistics are measured
-            cfg, dataset = _auto_norm(cfg, dataset, announce=progress)
+        with RunLock(out):
             return Trainer(cfg, out, info, device, dataset, resume, progress, max_steps).fit()
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)

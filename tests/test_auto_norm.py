@@ -8,10 +8,9 @@ import soundfile as sf
 import torch
 from helpers import micro_config
 
-import ajepa.trainer as trainer_mod
+from ajepa.audio import AudioError
 from ajepa.config import AudioConfig, DataConfig, get_preset, load_config
 from ajepa.data import build_dataset
-from ajepa.runfolder import RunFolderLockedError, RunLock
 from ajepa.stats import AUTO_NORM_CLIPS, dataset_stats, resolve_auto_norm
 from ajepa.trainer import train
 
@@ -57,21 +56,16 @@ def test_training_records_the_statistics_it_used(tmp_path):
     train(replace(cfg, train=replace(cfg.train, steps=4)), tmp_path / "run", resume=True, progress=False)
 
 
-def test_a_locked_run_folder_fails_before_the_statistics_are_measured(tmp_path, monkeypatch):
-    measured = []
-
-    def counting(*args, **kwargs):
-        measured.append(1)
-        return resolve_auto_norm(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "resolve_auto_norm", counting)
-    out = tmp_path / "run"
-    out.mkdir()
-    with RunLock(out), pytest.raises(RunFolderLockedError):
-        train(micro_config(**{"train.steps": 2}), out, progress=False)
-    assert measured == []
-    train(micro_config(**{"train.steps": 2}), out, progress=False)  # released: measured once, then trained
-    assert measured == [1] and not load_config(out / "config.yaml").audio.auto_norm
+def test_unreadable_data_fails_before_the_run_folder_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        (data / f"{i}.wav").write_bytes(b"junk")
+    cfg = micro_config(**{"train.steps": 2, "data.path": str(data)})
+    assert cfg.audio.auto_norm
+    with pytest.raises(AudioError, match="no readable audio: all 2 files failed"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_silent_data_is_refused_by_name(tmp_path):
