@@ -7,8 +7,9 @@ For each encoder: linear-probe accuracy of mean-pooled target-encoder features (
 `ajepa probe`: padding-aware mean, stratified 70/30 split, split seed 0; also the mean over split
 seeds 0-2, and acc_mean_all: the mean over every token, the old pooling), and the
 health statistics of its token features over the probe clips (RankMe, mean per-dimension std,
-pos_share), and rankme_audio: RankMe over the tokens that hold audio only. One JSON line per encoder goes to
-stdout and to --log.
+pos_share), rankme_audio: RankMe over the tokens that hold audio only, and rankme_clip: RankMe of the pooled
+clip embeddings the probe sees (one row per clip, as Garrido et al. compute it on pooled representations).
+One JSON line per encoder goes to stdout and to --log.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
     acc_all = probe_acc(tokens.mean(1), y)[0]
     audio = tokens[keep.bool()]  # [n_audio_tokens, D]: padding tokens left out
     return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
-            "rankme_audio": round(rankme(audio), 4),
+            "rankme_audio": round(rankme(audio), 4), "rankme_clip": round(rankme(pooled), 4),
             **{k: round(v, 4) for k, v in health_stats(tokens, max_rows=1 << 30).items()}}
 
 

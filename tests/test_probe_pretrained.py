@@ -89,6 +89,14 @@ def test_probe_baseline_mel_puts_three_side_by_side(tmp_path, capsys):
     x, y = logmel_features(ds, enc.cfg.audio), np.asarray(ds.labels)
     tr, te = stratified_split(y, 0.3, 0)
     assert linear_probe(x[tr], y[tr], x[te], y[te], seed=0).metrics["accuracy"] == mel["metrics"]["accuracy"]
+    # RankMe of the clip embeddings, every probed clip: the encoder's and the random encoder's, printed too;
+    # the log-mel row has none (raw log-mel statistics are not zero-centred features of a network).
+    from ajepa.model.health import rankme
+
+    for r, e in ((rep, enc), (rnd, random_encoder(enc.cfg, 0))):
+        assert r["rankme"] == round(rankme(dataset_features(e, ds)), 4), r["rankme"]
+        assert f"{r['rankme']:.1f}" in line.split("RankMe")[1]
+    assert "rankme" not in mel and rep["rankme"] != rnd["rankme"]
 
 
 def test_logmel_features_use_only_the_clips_own_frames():

@@ -173,8 +173,10 @@ def cmd_probe(args) -> int:
         "data": args.data or f"built-in corpus ({args.clips} clips, seed {args.corpus_seed})",
         "test_data": args.test_data,
         **res.to_dict(),
+        "rankme": _clip_rankme(x_tr, x_te),
     }
     side = [("this encoder", res)]
+    ranks = [("this encoder", report["rankme"])]
     if args.baseline == "mel":
         # Same splits, same probe: an untrained encoder of the same shape, and no network at all.
         baselines = {}
@@ -182,9 +184,12 @@ def cmd_probe(args) -> int:
             from ajepa.eval.embed import random_encoder
 
             rnd = random_encoder(enc.cfg, args.init_seed, enc.device)
-            r = linear_probe(*_probe_split(args, rnd)[:4], tg.classes, tg.multilabel, seed=args.seed)
-            baselines["random_init"] = {"source": f"random-init (seed {args.init_seed})", **r.to_dict()}
+            rx_tr, ry_tr, rx_te, ry_te = _probe_split(args, rnd)[:4]
+            r = linear_probe(rx_tr, ry_tr, rx_te, ry_te, tg.classes, tg.multilabel, seed=args.seed)
+            baselines["random_init"] = {"source": f"random-init (seed {args.init_seed})", **r.to_dict(),
+                                        "rankme": _clip_rankme(rx_tr, rx_te)}
             side.append((f"random init (seed {args.init_seed})", r))
+            ranks.append((f"random init (seed {args.init_seed})", baselines["random_init"]["rankme"]))
         m = linear_probe(*_probe_split(args, enc, lambda ds, desc: logmel_features(ds, enc.cfg.audio))[:4],
                          tg.classes, tg.multilabel, seed=args.seed)
         baselines["mel"] = {"source": "log-mel mean+std over time (no network)", **m.to_dict()}
@@ -200,11 +205,23 @@ def cmd_probe(args) -> int:
     if len(side) > 1:
         key = next(iter(res.metrics))
         metric = f"{key} " + " | ".join(f"{name} {r.metrics[key]:.3f}" for name, r in side)
+    rank_line = " | ".join(f"{name} {v:.1f}" for name, v in ranks)
     print(
         f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips "
-        f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); report {out}"
+        f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); "
+        f"RankMe of the clip embeddings: {rank_line}; report {out}"
     )
     return 0
+
+
+def _clip_rankme(x_train, x_test) -> float:
+    """RankMe (Garrido et al., 2023) of the probed clip embeddings, train and test clips together: the
+    effective rank of the representation the probe sees (ajepa.model.health.rankme)."""
+    import torch
+
+    from ajepa.model.health import rankme
+
+    return round(rankme(torch.cat([torch.as_tensor(x_train), torch.as_tensor(x_test)])), 4)
 
 
 def cmd_finetune(args) -> int:
