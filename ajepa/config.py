@@ -215,7 +215,7 @@ def _preset_tiny() -> Config:
     # at 1e-3 (batch 16) the speech probe stayed at random init's level; see docs/learning.md.
     # A-JEPA's objective alone (no SIGReg): --set model.sigreg_weight=0; the tiny recipe before: add optim.lr=1e-3.
     # audio.auto_norm: the input is normalized by the training data's own fbank statistics, not AudioSet's: on
-    # speech the margin over random init went from +4 to +8-16 points over five seeds, partly because random
+    # speech the margin over random init went from +4 to +8-16 points over seven seeds, partly because random
     # init probes lower; on the built-in synthetic corpus it fell from +13-18 to +4-6 (docs/learning.md, fourth
     # pass). AudioSet's statistics: --set audio.auto_norm=false.
     return Config(
