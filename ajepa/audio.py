@@ -152,6 +152,22 @@ def normalize(spec: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     return (spec - cfg.norm_mean) / (2.0 * cfg.norm_std)
 
 
+def audio_rows(spec: torch.Tensor, cfg: AudioConfig, patch_frames: int) -> torch.Tensor:
+    """int64 [B]: how many patch rows (of `patch_frames` frames) of normalized spectrograms
+    spec [B, 1, frames, mel] (or [B, frames, mel]) hold the clip's own audio.
+
+    crop_or_pad zero-pads a short clip's log-mel at its end, so its padding frames equal normalize(0)
+    in every mel bin: the trailing run of such frames is padding. A row with at least one frame of
+    audio counts; a clip that is all padding counts every row."""
+    pad = normalize(torch.zeros((), dtype=spec.dtype), cfg).to(spec.device)
+    frames = spec.shape[-2]
+    is_pad = (spec.reshape(spec.shape[0], frames, -1) == pad).all(dim=-1)  # [B, frames]
+    trailing = is_pad.flip(1).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
+    real = frames - trailing
+    return torch.where(real > 0, (real + patch_frames - 1) // patch_frames,
+                       torch.full_like(real, frames // patch_frames))
+
+
 def waveform_to_spec(
     wave: torch.Tensor, sr: int, cfg: AudioConfig, crop_offset: int | None = 0, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -121,6 +121,9 @@ class ModelConfig:
     target_layers: int = 1  # average of the top K target-encoder blocks (data2vec 2.0 / EAT); 1 = the last
     target_norm: str = "layer"  # per-layer target normalization: "layer" (I-JEPA) | "instance" | "batch"
     signal_targets_only: bool = False  # leave constant patches (zero-padding, digital silence) out of the loss
+    # Keep the zero-padding past a short clip's end out of training and embedding: masks are drawn on the clip's
+    # own time rows, and the target encoder (and Encoder.embed*) attend only to those tokens
+    clip_tokens_only: bool = False
     sigreg_weight: float = 0.0  # LeJEPA SIGReg on the context encoder's tokens; 0 disables
     sigreg_projections: int = 64  # random 1-D directions per SIGReg evaluation
     sigreg_content: bool = False  # SIGReg on the tokens minus their per-position batch mean (the clip-varying part)
@@ -477,6 +480,9 @@ def validate(cfg: Config) -> Config:
                           "(below audio.num_mel_bins)")
     if not (math.isfinite(m.ctx_gain_db) and m.ctx_gain_db >= 0):
         raise ConfigError(f"model.ctx_gain_db={m.ctx_gain_db} must be finite and >= 0")
+    if m.clip_tokens_only and (m.target_layers > 1 or m.target_norm != "layer" or m.clip_loss_weight > 0):
+        raise ConfigError("model.clip_tokens_only=true needs model.target_layers=1, model.target_norm=layer and "
+                          "model.clip_loss_weight=0 (the targets of the last layer only)")
     if m.sigreg_projections < 1:
         raise ConfigError(f"model.sigreg_projections={m.sigreg_projections} must be >= 1")
     if a.frontend not in FRONTENDS:

@@ -20,10 +20,12 @@ import torch
 from ajepa.audio import (
     AUDIO_EXTENSIONS,
     AudioError,
+    audio_rows,
     crop_wave,
     fbank,
     file_to_crop,
     file_to_spec,
+    kaldi_frames,
     load_audio,
     resample,
     waveform_to_spec,
@@ -492,11 +494,26 @@ class Batch:
                        target_count=pin(self.target_count), lengths=pin(self.lengths))
 
 
-class MaskCollator:
-    """Stacks spectrograms and draws + packs the step's masks (in the loader workers)."""
+class ClipRows:
+    """model.clip_tokens_only: the patch rows that hold each sample's own audio, from the normalized
+    spectrograms (ajepa.audio.audio_rows) or, for the device fbank, from the waveforms' lengths."""
 
-    def __init__(self, sampler: MaskSampler):
-        self.sampler = sampler
+    def __init__(self, cfg: AudioConfig, patch_frames: int):
+        self.cfg, self.patch_frames = cfg, patch_frames
+
+    def __call__(self, specs: list[torch.Tensor], lengths: torch.Tensor | None) -> list[int]:
+        p, frames = self.patch_frames, self.cfg.target_frames
+        if lengths is not None:
+            return [-(-min(kaldi_frames(int(n), self.cfg), frames) // p) for n in lengths]
+        return audio_rows(torch.stack(specs), self.cfg, p).tolist()
+
+
+class MaskCollator:
+    """Stacks spectrograms and draws + packs the step's masks (in the loader workers); with `clip_rows`
+    (model.clip_tokens_only), each sample's masks stay inside its clip's own rows."""
+
+    def __init__(self, sampler: MaskSampler, clip_rows: ClipRows | None = None):
+        self.sampler, self.clip_rows = sampler, clip_rows
 
     def __call__(self, items) -> Batch:
         failed = [item.error for item in items if isinstance(item, LoaderFailure)]
@@ -505,16 +522,17 @@ class MaskCollator:
         t0 = time.perf_counter()
         specs, labels, steps, bads, seconds = zip(*items)
         step = steps[0]
-        try:
-            masks = self.sampler(step, len(items))
-        except ValueError as exc:
-            return Batch.failed(exc)
-        count = torch.tensor(float(masks.tgt_index.numel()))
-        bad = tuple(dict.fromkeys(b for group in bads for b in group))
         lengths = None
         if specs[0].dim() == 1:  # waveforms of their own lengths: pad to the longest
             lengths = torch.tensor([w.numel() for w in specs], dtype=torch.long)
             specs = [torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in specs]
+        try:
+            rows = None if self.clip_rows is None else self.clip_rows(specs, lengths)
+            masks = self.sampler(step, len(items), rows)
+        except ValueError as exc:
+            return Batch.failed(exc)
+        count = torch.tensor(float(masks.tgt_index.numel()))
+        bad = tuple(dict.fromkeys(b for group in bads for b in group))
         return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
                      sum(1 for group in bads if group), lengths, load_s=sum(seconds) + time.perf_counter() - t0)
 
@@ -528,14 +546,14 @@ def default_workers(local_world: int = 1) -> int:
 
 def make_loader(dataset: SpecDataset, sampler: MaskSampler, batch_size: int, steps: int, seed: int,
                 start_step: int = 0, num_workers: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False,
-                strict: bool = False, waves: bool = False):
+                strict: bool = False, waves: bool = False, clip_rows: ClipRows | None = None):
     """Batches of `batch_size` samples (this rank's share) for steps start_step..steps-1; with `waves`,
-    padded waveforms and their lengths instead of spectrograms."""
+    padded waveforms and their lengths instead of spectrograms; with `clip_rows`, masks inside each clip."""
     batches = StepBatchSampler(len(dataset), batch_size, steps, seed, start_step, rank, world)
     return torch.utils.data.DataLoader(
         StepDataset(dataset, seed, strict, waves),
         batch_sampler=batches,
-        collate_fn=MaskCollator(sampler),
+        collate_fn=MaskCollator(sampler, clip_rows),
         num_workers=num_workers,
         prefetch_factor=4 if num_workers > 0 else None,  # batches in flight per worker
         pin_memory=pin_memory,
@@ -547,6 +565,7 @@ __all__ = [
     "AudioError",
     "AudioFileDataset",
     "Batch",
+    "ClipRows",
     "MaskCollator",
     "StepBatchSampler",
     "StepDataset",

@@ -17,6 +17,7 @@ of B samples draw the masks of one process with W*B samples.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ajepa.config import MaskConfig
-from ajepa.maskgeom import Block, block_indices, sample_block, sample_targets, sample_tf_block
+from ajepa.maskgeom import Block, block_indices, context_room, sample_block, sample_targets, sample_tf_block
 from kernels import gather_segments
 
 __all__ = ["Block", "block_indices", "sample_block", "sample_tf_block"]  # re-exported: they live in maskgeom
@@ -86,6 +87,11 @@ class PackedMasks:
     pred_rowptr: torch.Tensor  # int64 [B*N+1]
     out_perm: torch.Tensor  # int64 [T_tgt]: pred_out_index's entries sorted by destination row
     out_rowptr: torch.Tensor  # int64 [T_pred+1]
+    # model.clip_tokens_only: every sample's tokens that hold its clip's own audio (the target encoder's
+    # input), packed like the context; None when masks cover the whole grid
+    clip_index: torch.Tensor | None = None  # int64 [T_clip] (flat b*N + n)
+    cu_clip: torch.Tensor | None = None  # int32 [B+1]
+    max_clip: int = 0
 
     @property
     def pred_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +126,12 @@ class PackedMasks:
 
 
 def pack_masks(
-    per_sample: list[tuple[np.ndarray, list[np.ndarray]]], num_patches: int, use_tf: bool
+    per_sample: list[tuple[np.ndarray, list[np.ndarray]]], num_patches: int, use_tf: bool,
+    clip_tokens: list[int] | None = None,
 ) -> PackedMasks:
-    """Pack per-sample (context, targets) into flat indices and cu_seqlens. Runs in loader workers."""
+    """Pack per-sample (context, targets) into flat indices and cu_seqlens. Runs in loader workers.
+    `clip_tokens[b]`: sample b's clip holds its first clip_tokens[b] tokens (whole time rows; every
+    context and target index must lie below it), packed as the target encoder's input."""
     N = num_patches
     ctx_parts, pred_parts, out_parts, tgt_parts = [], [], [], []
     ctx_lens, pred_lens = [], []
@@ -146,6 +155,14 @@ def pack_masks(
     def cu(lens):
         return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
 
+    clip = {}
+    if clip_tokens is not None:
+        for b, ((ctx, targets), n) in enumerate(zip(per_sample, clip_tokens, strict=True)):
+            if not 0 < n <= N or int(max(ctx.max(), *(t.max() for t in targets))) >= n:
+                raise ValueError(f"sample {b}: masks reach past its clip's {n} tokens")
+        index = np.concatenate([np.arange(n) + b * N for b, n in enumerate(clip_tokens)])
+        clip = dict(clip_index=torch.from_numpy(index), cu_clip=cu(clip_tokens), max_clip=int(max(clip_tokens)))
+
     pred_index = torch.from_numpy(np.concatenate(pred_parts))
     pred_out_index = torch.from_numpy(np.concatenate(out_parts).astype(np.int64))
     # the predictor gathers' backward plans, sorted here on the CPU (in the loader workers)
@@ -167,8 +184,23 @@ def pack_masks(
         pred_rowptr=pred_rowptr,
         out_perm=out_perm,
         out_rowptr=out_rowptr,
+        **clip,
     )
 
+
+
+@functools.lru_cache(maxsize=64)
+def clip_min_rows(cfg: MaskConfig, grid: tuple[int, int]) -> int:
+    """model.clip_tokens_only: the fewest time rows a clip's grid (rows x F) is given, the smallest whose
+    target draws leave masks.min_keep context patches at least half the time for every kind of target the
+    run draws. A shorter clip keeps that many rows (some of them padding)."""
+    gt, gf = grid
+    kinds = ([(False, cfg.num_targets, cfg.target_scale, cfg.target_aspect)] if cfg.mode != "tf" else []) + (
+        [(True, cfg.tf_num_targets, cfg.tf_scale, (1.0, 1.0))] if cfg.mode != "multiblock" else [])
+    for rows in range(1, gt):
+        if all(context_room((rows, gf), *kind, cfg.min_keep, cfg.tf_time_share) >= 0.5 for kind in kinds):
+            return rows
+    return gt
 
 
 class MaskSampler:
@@ -185,15 +217,24 @@ class MaskSampler:
             return 1.0
         return curriculum_prob(step, self.total_steps, self.cfg.curriculum_c0)
 
-    def __call__(self, step: int, batch_size: int) -> PackedMasks:
+    @property
+    def min_rows(self) -> int:
+        return clip_min_rows(self.cfg, self.grid)
+
+    def __call__(self, step: int, batch_size: int, rows: list[int] | None = None) -> PackedMasks:
+        """The step's masks; with `rows` (model.clip_tokens_only), sample j's are drawn on the grid of its
+        clip's first rows[j] time rows (at least min_rows), so no context or target token is padding."""
         # The mask kind is drawn once per step for every rank, and each sample's masks from its
         # position in the step's global batch (rank r holds positions r*B .. r*B+B-1). So a run on
         # W ranks of B samples draws exactly the masks of one process with a batch of W*B, and a
         # checkpoint can resume at another world size with the same mask stream.
         use_tf = bool(np.random.default_rng([self.seed, step, 0x6A657061]).random() < self.tf_probability(step))
         first = self.rank * batch_size
+        gt, gf = self.grid
+        grids = [self.grid] * batch_size if rows is None else [(min(gt, max(int(r), self.min_rows)), gf) for r in rows]
         per_sample = [
-            sample_masks(np.random.default_rng([self.seed, step, first + j, 0x6A657061]), self.grid, self.cfg, use_tf)
+            sample_masks(np.random.default_rng([self.seed, step, first + j, 0x6A657061]), grids[j], self.cfg, use_tf)
             for j in range(batch_size)
-        ]
-        return pack_masks(per_sample, self.grid[0] * self.grid[1], use_tf)
+        ]  # time-major: a (rows x F) grid's token indices are the full grid's
+        clip_tokens = None if rows is None else [g[0] * gf for g in grids]
+        return pack_masks(per_sample, gt * gf, use_tf, clip_tokens)

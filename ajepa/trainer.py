@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ajepa.audio import batch_fbank
 from ajepa.checkpoint import CheckpointDir
 from ajepa.config import Config, check_world_size, save_config, to_dict
-from ajepa.data import Batch, build_dataset, default_workers, make_loader
+from ajepa.data import Batch, ClipRows, build_dataset, default_workers, make_loader
 from ajepa.distributed import (
     DistInfo,
     allreduce,
@@ -158,10 +158,11 @@ class Trainer:
         if workers < 0:
             workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.workers = workers
+        clip_rows = ClipRows(cfg.audio, cfg.patch_shape[0]) if cfg.model.clip_tokens_only else None
         self.loader = make_loader(dataset, sampler, cfg.train.batch_size // info.world, self.end, cfg.train.seed,
                                   self.start, workers, info.rank, info.world,
                                   pin_memory=self.device.type == "cuda", strict=cfg.data.strict,
-                                  waves=self.device_fbank)
+                                  waves=self.device_fbank, clip_rows=clip_rows)
         self.metrics = MetricsLog(self.out, fresh=not resume) if info.is_main else None
         if self.metrics is not None and resume:
             self.metrics.truncate(self.start)
@@ -284,7 +285,7 @@ class Trainer:
                 f"{self._last_good()}")
         if is_log:
             with torch.no_grad(), self.step_fn.amp():  # every rank: a collective under FSDP
-                health = health_stats(self.model.target_encoder.forward_dense(batch.spec, self.model.impl))
+                health = health_stats(self.model.target_tokens(batch.spec, batch.masks))
             warning = self.watch.check(done, health)
             if warning and self.info.is_main:
                 log.warning("%s", warning)

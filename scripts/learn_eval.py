@@ -42,7 +42,7 @@ def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
 
 def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
     with torch.no_grad():
-        tokens = torch.cat([enc.vit.forward_dense(specs[i:i + 64]) for i in range(0, len(specs), 64)])
+        tokens = torch.cat([enc(specs[i:i + 64]) for i in range(0, len(specs), 64)])
     keep = audio_token_mask(specs, enc.cfg).float()
     pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
     acc0, acc = probe_acc(pooled, y)

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ajepa.audio import crop_or_pad, fbank, file_to_spec, load_audio, normalize, resample, waveform_to_spec
+from ajepa.audio import audio_rows, crop_or_pad, fbank, file_to_spec, load_audio, normalize, resample, waveform_to_spec
 from ajepa.checkpoint import FORMAT_VERSION, load_checkpoint
 from ajepa.config import Config, from_dict, get_preset, to_dict
+from ajepa.masks import clip_min_rows
 from ajepa.model.vit import ViTEncoder
 
 WHICH = ("target", "context")
@@ -73,19 +74,11 @@ def _encoder_weights(model_state: dict, which: str, path) -> dict:
     return weights
 
 
-def audio_token_mask(spec: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """bool [B, N]: the tokens whose time row holds at least one frame of the clip's own audio.
-
-    spec [B, 1, frames, mel] is normalized; the frontend zero-pads a short clip's log-mel at its end,
-    so its padding frames equal normalize(0) in every mel bin. The trailing run of such frames is
-    padding; a clip that is all padding keeps every token."""
-    pad = normalize(torch.zeros((), dtype=spec.dtype), cfg.audio).to(spec.device)
-    frames = spec.shape[-2]
-    is_pad = (spec.reshape(spec.shape[0], frames, -1) == pad).all(dim=-1)  # [B, frames]
-    trailing = is_pad.flip(1).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
-    real = frames - trailing
-    p = cfg.patch_shape[0]  # frames per patch row
-    rows = torch.where(real > 0, (real + p - 1) // p, torch.full_like(real, frames // p))  # [B]
+def audio_token_mask(spec: torch.Tensor, cfg: Config, min_rows: int = 1) -> torch.Tensor:
+    """bool [B, N]: the tokens whose time row holds at least one frame of the clip's own audio
+    (ajepa.audio.audio_rows: the trailing frames equal to normalize(0) are padding); with `min_rows`,
+    at least that many rows of each clip."""
+    rows = audio_rows(spec, cfg.audio, cfg.patch_shape[0]).clamp_min(min_rows)  # [B]
     gt, gf = cfg.grid
     keep_row = torch.arange(gt, device=spec.device)[None, :] < rows[:, None]  # [B, Gt]
     return keep_row[:, :, None].expand(-1, gt, gf).reshape(spec.shape[0], gt * gf)
@@ -116,8 +109,12 @@ class Encoder(nn.Module):
         return nullcontext()
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        """spec [B, 1, frames, mel] (normalized) -> token map [B, N, D]."""
-        return self.vit.forward_dense(spec)
+        """spec [B, 1, frames, mel] (normalized) -> token map [B, N, D]. An encoder trained with
+        model.clip_tokens_only attends only to the clip's own tokens (at least the rows training gave it)."""
+        keep = None
+        if self.cfg.model.clip_tokens_only:
+            keep = audio_token_mask(spec, self.cfg, clip_min_rows(self.cfg.masks, self.cfg.grid))
+        return self.vit.forward_dense(spec, keep=keep)
 
     @torch.no_grad()
     def embed_spec(self, spec: torch.Tensor, pooling: str = "mean", amp: bool = True) -> torch.Tensor:

@@ -100,7 +100,11 @@ class AJEPA(nn.Module):
         """Target-encoder latents at the target tokens: [T_tgt, D]. The default (model.target_layers=1,
         target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm.
         With `clips`, also each clip's mean layer-normed target token [B, D] (model.clip_loss_weight)."""
-        if self.target_layers == 1 and self.target_norm == "layer":
+        if masks.clip_index is not None:  # model.clip_tokens_only: the clip's own tokens, packed
+            h = self.target_encoder.forward_packed(spec, masks.clip_index, masks.cu_clip, masks.max_clip, self.impl)
+            dense = h.new_zeros(masks.batch_size * masks.num_patches, h.shape[1])  # padding rows: never targets
+            h = dense.index_copy(0, masks.clip_index, h).view(masks.batch_size, masks.num_patches, -1)
+        elif self.target_layers == 1 and self.target_norm == "layer":
             h = self.target_encoder.forward_dense(spec, self.impl)  # [B, N, D]
         else:
             layers = self.target_encoder.forward_layers(spec, self.target_layers, self.impl)
@@ -109,6 +113,16 @@ class AJEPA(nn.Module):
         if not clips:
             return tgt
         return tgt, F.layer_norm(h.float(), h.shape[-1:], eps=1e-6).mean(dim=1)
+
+    @torch.no_grad()
+    def target_tokens(self, spec: torch.Tensor, masks: PackedMasks) -> torch.Tensor:
+        """The target encoder's token map [B, N, D] for the health monitors; with model.clip_tokens_only
+        (masks.clip_index), every token attends only to its clip's own tokens, as in training."""
+        keep = None
+        if masks.clip_index is not None:
+            keep = torch.zeros(masks.batch_size * masks.num_patches, dtype=torch.bool, device=spec.device)
+            keep = keep.index_fill(0, masks.clip_index, True).view(masks.batch_size, masks.num_patches)
+        return self.target_encoder.forward_dense(spec, self.impl, keep=keep)
 
     def predict(self, spec: torch.Tensor, masks: PackedMasks, return_context: bool = False):
         ctx = self.encoder.forward_packed(spec, masks.ctx_index, masks.cu_ctx, masks.max_ctx, self.impl)

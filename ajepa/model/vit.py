@@ -148,13 +148,15 @@ class ViTEncoder(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def forward_dense(self, spec: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    def forward_dense(self, spec: torch.Tensor, impl: str = "auto", keep: torch.Tensor | None = None) -> torch.Tensor:
         """spec [B, 1, frames, mel] -> every token [B, N, D]. Attention is dense SDPA on every path;
-        `impl` picks the layer norms' and the MLP activation's kernels."""
+        `impl` picks the layer norms' and the MLP activation's kernels. With `keep` (bool [B, N]), every
+        token attends only to its sample's kept tokens (model.clip_tokens_only: the clip's own audio)."""
         x = self.patch_embed(spec)
         x = x + self.pos_embed.to(x.dtype)
+        mask = None if keep is None else keep[:, None, None, :]
         for blk in self.blocks:
-            x = blk(x, impl=impl)
+            x = blk(x, impl=impl, attn_mask=mask)
         return self.norm(x, impl=impl)
 
     def forward_layers(self, spec: torch.Tensor, k: int, impl: str = "auto") -> list[torch.Tensor]:
