@@ -117,3 +117,41 @@ def test_finetune_cli_and_bad_options(tmp_path, capsys):
     assert main(args + ["--reg-mask", "0.1", "--mixup", "0.2"]) == 0
     assert "best validation accuracy" in capsys.readouterr().out
     assert (tmp_path / "ft" / "best.safetensors").is_file()
+
+
+@pytest.mark.parametrize("clip_only", [False, True])
+def test_classifier_pools_like_the_encoder_embeddings(clip_only):
+    from ajepa.audio import waveform_to_spec
+    from ajepa.eval.embed import Encoder
+
+    cfg = micro_config(**{"model.clip_tokens_only": str(clip_only).lower()})
+    sr = cfg.audio.sample_rate
+    g = torch.Generator().manual_seed(0)
+    waves = [0.3 * torch.randn(int(s * sr), generator=g) for s in (0.2, 0.7, 3.0)]  # 2, 5 and 16 rows of 16
+    spec = torch.stack([waveform_to_spec(w, sr, cfg.audio) for w in waves]).unsqueeze(1)
+    enc = random_encoder(cfg, seed=1)
+    model = Classifier(enc.vit, 4, cfg).eval()
+    head = model.head
+    with torch.no_grad():
+        torch.testing.assert_close(model(spec), head(enc.embed_spec(spec)), atol=1e-5, rtol=0)
+        old = Classifier(enc.vit, 4, cfg, pooling="mean_all").eval()
+        old.head = head
+        plain = Encoder(micro_config(), enc.vit)  # every token a key: the behaviour before clip_tokens_only
+        torch.testing.assert_close(old(spec), head(plain.embed_spec(spec, pooling="mean_all")), atol=1e-5, rtol=0)
+        assert not torch.allclose(model(spec)[:2], old(spec)[:2], atol=1e-4)  # the short clips differ
+        # The rows measured before SpecAugment keep the pooling of the clean clips.
+        masked = spec_augment(spec, FinetuneOptions(time_masks=0, freq_masks=2, freq_mask_width=16),
+                              torch.Generator().manual_seed(3))
+        assert model.audio_rows(masked).tolist() != model.audio_rows(spec).tolist()
+        want = model(masked, rows=model.audio_rows(spec))
+        def rows_mask(rows):
+            return (torch.arange(cfg.grid[0])[None] < torch.tensor(rows)[:, None]).repeat_interleave(cfg.grid[1], 1)
+
+        keep = rows_mask([2, 5, 16])
+        tokens = enc.vit.forward_dense(masked)
+        if clip_only:  # keys: the clean clips' rows, at least clip_min_rows (3), as training gives them
+            tokens = enc.vit.forward_dense(masked, keep=rows_mask([3, 5, 16]))
+        pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        torch.testing.assert_close(want, head(pooled), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pooling='max'"):
+        FinetuneOptions(pooling="max").validate()

@@ -78,10 +78,14 @@ def audio_token_mask(spec: torch.Tensor, cfg: Config, min_rows: int = 1) -> torc
     """bool [B, N]: the tokens whose time row holds at least one frame of the clip's own audio
     (ajepa.audio.audio_rows: the trailing frames equal to normalize(0) are padding); with `min_rows`,
     at least that many rows of each clip."""
-    rows = audio_rows(spec, cfg.audio, cfg.patch_shape[0]).clamp_min(min_rows)  # [B]
-    gt, gf = cfg.grid
-    keep_row = torch.arange(gt, device=spec.device)[None, :] < rows[:, None]  # [B, Gt]
-    return keep_row[:, :, None].expand(-1, gt, gf).reshape(spec.shape[0], gt * gf)
+    return row_token_mask(audio_rows(spec, cfg.audio, cfg.patch_shape[0]).clamp_min(min_rows), cfg.grid)
+
+
+def row_token_mask(rows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """bool [B, N]: the tokens of each sample's first rows[b] time rows (a time-major Gt x Gf grid)."""
+    gt, gf = grid
+    keep_row = torch.arange(gt, device=rows.device)[None, :] < rows[:, None]  # [B, Gt]
+    return keep_row[:, :, None].expand(-1, gt, gf).reshape(rows.shape[0], gt * gf)
 
 
 class Encoder(nn.Module):

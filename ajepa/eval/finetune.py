@@ -21,9 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ajepa.audio import audio_rows
 from ajepa.checkpoint import FORMAT_VERSION, save_checkpoint
 from ajepa.config import Config, to_dict
+from ajepa.eval.embed import row_token_mask
 from ajepa.eval.probe import stratified_split
+from ajepa.masks import clip_min_rows
 from ajepa.model.vit import ViTEncoder
 
 
@@ -50,6 +53,8 @@ class FinetuneOptions:
     reg_mask: float = _opt(0.0, "A-JEPA regularized masking: fraction of tokens per layer barred as attention keys "
                                 "(still queries); A-JEPA uses 0.1; 0 is off")
     val_fraction: float = _opt(0.2, "validation share, stratified")
+    pooling: str = _opt("mean", "mean: over the tokens that hold the clip's own audio (not the padding past a short "
+                                "clip's end); mean_all: over every token (the behaviour before)")
     seed: int = _opt(0, "split, shuffling and augmentation seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = _opt(True, "bf16 autocast on CUDA")
@@ -67,32 +72,61 @@ class FinetuneOptions:
             raise ValueError(f"mixup alpha must be >= 0, got {self.mixup}")
         if min(self.time_masks, self.time_mask_width, self.freq_masks, self.freq_mask_width) < 0:
             raise ValueError("SpecAugment mask counts and widths must be >= 0")
+        if self.pooling not in ("mean", "mean_all"):
+            raise ValueError(f"pooling={self.pooling!r}; choose mean or mean_all")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         return self
 
 
 class Classifier(nn.Module):
-    """ViT encoder -> mean over tokens -> linear head."""
+    """ViT encoder -> mean over tokens -> linear head.
 
-    def __init__(self, vit: ViTEncoder, num_classes: int):
+    With a `cfg` and pooling "mean", the mean runs over the tokens that hold the clip's own audio (as
+    Encoder.embed_spec pools), and an encoder trained with model.clip_tokens_only attends only to them;
+    without a cfg, or with "mean_all", over every token."""
+
+    def __init__(self, vit: ViTEncoder, num_classes: int, cfg: Config | None = None, pooling: str = "mean"):
         super().__init__()
         self.vit = vit.requires_grad_(True)  # trained end to end (a loaded Encoder arrives frozen)
         self.head = nn.Linear(vit.dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.cfg, self.pooling = cfg, pooling
 
-    def forward(self, spec: torch.Tensor, reg_mask: float = 0.0) -> torch.Tensor:
+    def audio_rows(self, spec: torch.Tensor) -> torch.Tensor | None:
+        """int64 [B]: the patch rows of clean (not augmented) normalized spec that hold audio; None when
+        this classifier pools every token."""
+        if self.cfg is None or self.pooling == "mean_all":
+            return None
+        return audio_rows(spec, self.cfg.audio, self.cfg.patch_shape[0])
+
+    def forward(self, spec: torch.Tensor, reg_mask: float = 0.0, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: audio_rows of the clips before augmentation (SpecAugment's zeroed mel bands hide
+        the padding); measured on `spec` itself when not given."""
         vit = self.vit
         x = vit.patch_embed(spec)
         x = x + vit.pos_embed.to(x.dtype)
         B, N, _ = x.shape
+        if rows is None:
+            rows = self.audio_rows(spec)
+        pool = keys = None
+        if rows is not None:
+            pool = row_token_mask(rows.to(x.device), self.cfg.grid)
+            if self.cfg.model.clip_tokens_only:
+                keys = row_token_mask(rows.to(x.device).clamp_min(clip_min_rows(self.cfg.masks, self.cfg.grid)),
+                                      self.cfg.grid)[:, None, None, :]
         for blk in vit.blocks:
-            mask = None
+            mask = keys
             if reg_mask > 0 and self.training:
-                mask = regularized_key_mask(B, N, reg_mask, x.device)
+                barred = regularized_key_mask(B, N, reg_mask, x.device)
+                mask = barred if keys is None else barred & keys
             x = blk(x, attn_mask=mask)
-        return self.head(vit.norm(x).mean(dim=1))
+        x = vit.norm(x)
+        if pool is None:
+            return self.head(x.mean(dim=1))
+        w = pool.to(x.dtype)[..., None]
+        return self.head((x * w).sum(dim=1) / w.sum(dim=1))
 
 
 def regularized_key_mask(batch: int, tokens: int, fraction: float, device) -> torch.Tensor:
@@ -224,7 +258,7 @@ def finetune(
     x_train, x_val = load(train_idx, "spectrograms (train)"), load(val_idx, "spectrograms (val)")
     y_train, y_val = torch.as_tensor(labels[train_idx]), torch.as_tensor(labels[val_idx])
 
-    model = Classifier(vit, num_classes).to(device)
+    model = Classifier(vit, num_classes, cfg, opts.pooling).to(device)
     opt = torch.optim.AdamW(layer_decay_groups(model, opts.lr, opts.weight_decay, opts.layer_decay), lr=opts.lr)
     steps_per_epoch = math.ceil(len(train_idx) / opts.batch_size)
     total, warmup = opts.epochs * steps_per_epoch, int(opts.warmup_epochs * steps_per_epoch)
@@ -245,17 +279,20 @@ def finetune(
             loss_sum = 0.0
             for i in range(0, len(perm), opts.batch_size):
                 sel = perm[i : i + opts.batch_size]
+                rows = model.audio_rows(x_train[sel])  # before SpecAugment, which hides the padding
                 x = spec_augment(x_train[sel], opts, gen).to(device)
                 y = F.one_hot(y_train[sel], num_classes).float().to(device)
                 if opts.mixup > 0:
                     lam = float(np.random.default_rng([opts.seed, step]).beta(opts.mixup, opts.mixup))
                     mix = torch.randperm(len(sel), generator=gen).to(device)
                     x, y = lam * x + (1 - lam) * x[mix], lam * y + (1 - lam) * y[mix]
+                    if rows is not None:  # a mixed clip holds the audio of both
+                        rows = torch.maximum(rows, rows[mix.cpu()])
                 factor = lr_factor(step, total, warmup, opts.min_lr / opts.lr)
                 for g in opt.param_groups:
                     g["lr"] = opts.lr * g["lr_scale"] * factor
                 with amp_ctx():
-                    logits = model(x, reg_mask=opts.reg_mask).float()
+                    logits = model(x, reg_mask=opts.reg_mask, rows=rows).float()
                 loss = torch.sum(-y * F.log_softmax(logits, dim=1), dim=1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
