@@ -501,11 +501,12 @@ class ClipRows:
     def __init__(self, cfg: AudioConfig, patch_frames: int):
         self.cfg, self.patch_frames = cfg, patch_frames
 
-    def __call__(self, specs: list[torch.Tensor], lengths: torch.Tensor | None) -> list[int]:
+    def __call__(self, batch: torch.Tensor, lengths: torch.Tensor | None) -> list[int]:
+        """batch: the stacked spectrograms [B, 1, frames, mel], or padded waveforms [B, S] with their `lengths`."""
         p, frames = self.patch_frames, self.cfg.target_frames
         if lengths is not None:
             return [-(-min(kaldi_frames(int(n), self.cfg), frames) // p) for n in lengths]
-        return audio_rows(torch.stack(specs), self.cfg, p).tolist()
+        return audio_rows(batch, self.cfg, p).tolist()
 
 
 class MaskCollator:
@@ -526,14 +527,15 @@ class MaskCollator:
         if specs[0].dim() == 1:  # waveforms of their own lengths: pad to the longest
             lengths = torch.tensor([w.numel() for w in specs], dtype=torch.long)
             specs = [torch.nn.functional.pad(w, (0, int(lengths.max()) - w.numel())) for w in specs]
+        batch = torch.stack(specs)
         try:
-            rows = None if self.clip_rows is None else self.clip_rows(specs, lengths)
+            rows = None if self.clip_rows is None else self.clip_rows(batch, lengths)
             masks = self.sampler(step, len(items), rows)
         except ValueError as exc:
             return Batch.failed(exc)
         count = torch.tensor(float(masks.tgt_index.numel()))
         bad = tuple(dict.fromkeys(b for group in bads for b in group))
-        return Batch(torch.stack(specs), torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
+        return Batch(batch, torch.tensor(labels, dtype=torch.long), step, masks, count, bad,
                      sum(1 for group in bads if group), lengths, load_s=sum(seconds) + time.perf_counter() - t0)
 
 

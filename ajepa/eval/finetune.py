@@ -112,10 +112,11 @@ class Classifier(nn.Module):
             rows = self.audio_rows(spec)
         pool = keys = None
         if rows is not None:
-            pool = row_token_mask(rows.to(x.device), self.cfg.grid)
+            rows = rows.to(x.device)
+            pool = row_token_mask(rows, self.cfg.grid)
             if self.cfg.model.clip_tokens_only:
-                keys = row_token_mask(rows.to(x.device).clamp_min(clip_min_rows(self.cfg.masks, self.cfg.grid)),
-                                      self.cfg.grid)[:, None, None, :]
+                floor = clip_min_rows(self.cfg.masks, self.cfg.grid)
+                keys = row_token_mask(rows.clamp_min(floor), self.cfg.grid)[:, None, None, :]
         for blk in vit.blocks:
             mask = keys
             if reg_mask > 0 and self.training:
