@@ -92,6 +92,7 @@ class PackedMasks:
     clip_index: torch.Tensor | None = None  # int64 [T_clip] (flat b*N + n)
     cu_clip: torch.Tensor | None = None  # int32 [B+1]
     max_clip: int = 0
+    tgt_clip_index: torch.Tensor | None = None  # int64 [T_tgt]: tgt_index's rows in the packed clip tokens
 
     @property
     def pred_segments(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +162,10 @@ def pack_masks(
             if not 0 < n <= N or int(max(ctx.max(), *(t.max() for t in targets))) >= n:
                 raise ValueError(f"sample {b}: masks reach past its clip's {n} tokens")
         index = np.concatenate([np.arange(n) + b * N for b, n in enumerate(clip_tokens)])
-        clip = dict(clip_index=torch.from_numpy(index), cu_clip=cu(clip_tokens), max_clip=int(max(clip_tokens)))
+        starts = np.concatenate([[0], np.cumsum(clip_tokens)[:-1]])  # sample b's first row in the packed clip tokens
+        tgt = np.concatenate(tgt_parts)
+        clip = dict(clip_index=torch.from_numpy(index), cu_clip=cu(clip_tokens), max_clip=int(max(clip_tokens)),
+                    tgt_clip_index=torch.from_numpy(starts[tgt // N] + tgt % N))
 
     pred_index = torch.from_numpy(np.concatenate(pred_parts))
     pred_out_index = torch.from_numpy(np.concatenate(out_parts).astype(np.int64))

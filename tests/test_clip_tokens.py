@@ -47,6 +47,7 @@ def test_masks_stay_inside_each_clip(step):
     assert torch.equal(masks.clip_index, want)
     assert masks.cu_clip.tolist() == [0, *np.cumsum([r * gf for r in kept]).tolist()]
     assert masks.max_clip == gt * gf
+    assert torch.equal(masks.clip_index[masks.tgt_clip_index], masks.tgt_index)  # packed rows of the targets
     # Clips that fill the grid draw exactly the masks of the default sampler, which packs no clip tokens.
     full, plain = sampler(step, 3, [gt] * 3), sampler(step, 3)
     assert torch.equal(full.ctx_index, plain.ctx_index) and torch.equal(full.tgt_index, plain.tgt_index)

@@ -100,16 +100,16 @@ class AJEPA(nn.Module):
         """Target-encoder latents at the target tokens: [T_tgt, D]. The default (model.target_layers=1,
         target_norm="layer") is I-JEPA's: the last layer, layer-normed, in one fused gather + norm.
         With `clips`, also each clip's mean layer-normed target token [B, D] (model.clip_loss_weight)."""
-        if masks.clip_index is not None:  # model.clip_tokens_only: the clip's own tokens, packed
+        index = masks.tgt_index
+        if masks.clip_index is not None:  # model.clip_tokens_only: the clip's own tokens, packed [T_clip, D]
             h = self.target_encoder.forward_packed(spec, masks.clip_index, masks.cu_clip, masks.max_clip, self.impl)
-            dense = h.new_zeros(masks.batch_size * masks.num_patches, h.shape[1])  # padding rows: never targets
-            h = dense.index_copy(0, masks.clip_index, h).view(masks.batch_size, masks.num_patches, -1)
+            index = masks.tgt_clip_index
         elif self.target_layers == 1 and self.target_norm == "layer":
             h = self.target_encoder.forward_dense(spec, self.impl)  # [B, N, D]
         else:
             layers = self.target_encoder.forward_layers(spec, self.target_layers, self.impl)
             h = sum(normalize_targets(x.float(), self.target_norm) for x in layers) / len(layers)
-        tgt = kernels.gather_layer_norm(h, masks.tgt_index, impl=self.impl, validate=False)
+        tgt = kernels.gather_layer_norm(h, index, impl=self.impl, validate=False)
         if not clips:
             return tgt
         return tgt, F.layer_norm(h.float(), h.shape[-1:], eps=1e-6).mean(dim=1)
