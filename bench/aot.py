@@ -137,8 +137,15 @@ def attention_jobs(dtypes, block_ds, table_only: bool = False):
                         DOT_PRECISION=attn._dot_precision(dtype),
                     )
                     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-                    yield (fn, types, constexprs, opts, f"attn_{kind}", f"{_TL[dtype]} d{block_d} {t.name}",
+                    name = f"{_TL[dtype]} d{block_d} {t.name}"
+                    if kind == "seqbwd":
+                        yield fn, types, constexprs, opts, f"attn_{kind}", name, t == table
+                        continue
+                    yield (fn, types, constexprs | dict(WORK_LIST=False, S_BLOCK=1), opts, f"attn_{kind}", name,
                            t == table)
+                    if t == table:  # the opt-in work-list grid (WORK_LIST_MAX_SEQUENCES), up to 256 sequences
+                        yield (fn, types, constexprs | dict(WORK_LIST=True, S_BLOCK=256), opts,
+                               f"attn_{kind}_worklist", name, True)
             types = {"O": f"*{_TL[dtype]}", "DO": f"*{_TL[dtype]}", "DELTA": "*fp32"}
             yield (attn._varlen_attn_bwd_preprocess_kernel, types,
                    dict(HEAD_DIM=block_d, BLOCK_T=64, BLOCK_D=block_d), dict(num_warps=4),

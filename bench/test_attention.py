@@ -28,7 +28,7 @@ from bench import cases, common
 
 SUITE = "attention"
 SCALE = cases.bench_scale(common.bench_device())
-IMPLS = ["triton", "triton_seqbwd", "reference", "sdpa_padded", "xformers", "torch_varlen", "flex"]
+IMPLS = ["triton", "triton_seqbwd", "triton_worklist", "reference", "sdpa_padded", "xformers", "torch_varlen", "flex"]
 
 
 @dataclass
@@ -191,24 +191,35 @@ def _flex(c: Case):
     return (lambda q, k, v: (layout(q), layout(k), layout(v))), run, (lambda o: o[0].transpose(0, 1))
 
 
-def _seq_backward(fn):
-    """fn with the one-program-per-(sequence, head) backward on for every sequence up to 512
-    (kernels/attention/fused.py, SEQ_BWD_MAX_SEQLEN: off by default until a GPU run shows it pays)."""
+# Opt-in launch options of kernels/attention/fused.py, off by default until a GPU run shows they pay; the bench
+# times each beside the default: SEQ_BWD_MAX_SEQLEN (one program per (sequence, head) in the backward, up to 512)
+# and WORK_LIST_MAX_SEQUENCES (the work-list grid: the sequences' blocks back to back, no dead programs).
+OPTIONS = {"triton_seqbwd": ("SEQ_BWD_MAX_SEQLEN", 512), "triton_worklist": ("WORK_LIST_MAX_SEQUENCES", 4096)}
+
+
+def _with_option(impl: str, fn):
+    """fn with impl's launch option set (fn itself for the other impls)."""
+    if impl not in OPTIONS:
+        return fn
     from kernels.attention import fused
+
+    name, value = OPTIONS[impl]
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        saved, fused.SEQ_BWD_MAX_SEQLEN = fused.SEQ_BWD_MAX_SEQLEN, 512
+        saved = getattr(fused, name)
+        setattr(fused, name, value)
         try:
             return fn(*args, **kwargs)
         finally:
-            fused.SEQ_BWD_MAX_SEQLEN = saved
+            setattr(fused, name, saved)
     return wrapped
 
 
 BUILDERS = {
     "triton": functools.partial(_ours, "triton"),
     "triton_seqbwd": functools.partial(_ours, "triton"),
+    "triton_worklist": functools.partial(_ours, "triton"),
     "reference": functools.partial(_ours, "reference"),
     "sdpa_padded": _sdpa_padded,
     "xformers": _xformers,
@@ -255,7 +266,7 @@ def _bench(site, mode, impl, op, device, measure):
 
     if op == "fwd":
         prepared = [prepare(q, k, v) for q, k, v in c.sets]
-        fn = common.Cycle([functools.partial(run, *p) for p in prepared])
+        fn = common.Cycle([_with_option(impl, functools.partial(run, *p)) for p in prepared])
         leaves = None
     else:
         calls, leaves = [], []
@@ -267,8 +278,7 @@ def _bench(site, mode, impl, op, device, measure):
             def step(p=p, dout=dout):
                 run(*p).backward(dout)
 
-            if impl == "triton_seqbwd":
-                step = _seq_backward(step)
+            step = _with_option(impl, step)
 
             if i == 0:  # gradients of the first set against the reference path's
                 _peer_guard(impl, step)

@@ -244,6 +244,58 @@ def test_sequence_backward_is_deterministic_and_very_negative_scores_stay_finite
     assert seq_backward == [(2, 2)]  # one program per (head, sequence)
 
 
+@pytest.fixture
+def work_list(monkeypatch):
+    """The work-list grid for every launch (off by default); records each per-block kernel's grid."""
+    monkeypatch.setattr(fused, "WORK_LIST_MAX_SEQUENCES", 1024)
+    launched = []
+    for name in ("_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel", "_varlen_attn_bwd_dq_kernel"):
+        real = getattr(fused, name)
+
+        class Recording:
+            def __getitem__(self, grid, real=real, name=name):
+                launched.append((name, grid))
+                return real[grid]
+
+        monkeypatch.setattr(fused, name, Recording())
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_work_list_grid_matches_fp64_loop(case, dtype, work_list):
+    """Every sequence's blocks are found from the running block counts: empty sequences (middle, ends) own no
+    program, multi-block ones (63, 128, 130 > the interpreter's 32-row tiles) own several; a wrong mapping leaves
+    NaN-poisoned rows unwritten or writes one sequence's result into another's."""
+    check_against_fp64("triton", CASES[case], 2, 16, dtype)
+    assert {name for name, _ in work_list} == {"_varlen_attn_fwd_kernel", "_varlen_attn_bwd_dkdv_kernel",
+                                                "_varlen_attn_bwd_dq_kernel"}
+    assert all(grid[2] == 1 for _, grid in work_list)
+
+
+@pytest.mark.parametrize("layout", ["separate", "strided", "packed"])
+def test_work_list_grid_layouts_and_max_seqlen(layout, work_list):
+    check_against_fp64("triton", [1, 7, 0, 63, 40], 3, 24, torch.float32, layout=layout, max_seqlen=100)
+
+
+def test_work_list_grid_is_smaller_than_the_dense_one(work_list):
+    # interpreter tiles: 32 rows. Lengths 1, 7, 0, 63, 130 own 1 + 1 + 0 + 2 + 5 = 9 blocks; the dense grid has
+    # 5 x cdiv(130, 32) = 25 programs a head, the work list's host bound (201 + 5 x 31) // 32 = 11.
+    lens = [1, 7, 0, 63, 130]
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lens), 3, 2, 16, generator=gen)
+    do = torch.randn(sum(lens), 2, 16, generator=gen)
+    run_impl("triton", qkv, do, lens, 130, "packed")
+    assert [grid for _, grid in work_list] == [(11, 2, 1)] * 3
+    # equal lengths: the bound never exceeds the dense grid (here both are exact: 4 sequences x 2 blocks)
+    work_list.clear()
+    lens = [40] * 4
+    qkv = torch.randn(sum(lens), 3, 2, 16, generator=gen)
+    do = torch.randn(sum(lens), 2, 16, generator=gen)
+    run_impl("triton", qkv, do, lens, 40, "packed")
+    assert [grid for _, grid in work_list] == [(8, 2, 1)] * 3
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_max_seqlen_larger_than_longest(impl):
     check_against_fp64(impl, [5, 0, 37], heads=1, head_dim=16, dtype=torch.float32, max_seqlen=100)

@@ -4,8 +4,9 @@ Layout: q, k, v, o, do: [T, H, Dh] read through their strides (qkv.unbind(1) vie
 LSE and delta: fp32 [H, T]. The LSE is kept in base 2 (log2 of the sum of exp2 of the
 log2(e)-scaled scores) so the backward recomputes P = exp2(s * qk_scale - lse) with no conversion.
 
-Grid of every per-sequence kernel: (cdiv(max_seqlen, BLOCK), H, S); a program reads its
-sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end.
+Grid of every per-block kernel: (cdiv(max_seqlen, BLOCK), H, S); a program reads its
+sequence bounds from cu_seqlens and returns at once when its block lies past the sequence end. The
+work-list grid (opt-in: WORK_LIST_MAX_SEQUENCES) lays the sequences' blocks back to back instead.
 Offsets inside a sequence (row x row stride, column x column stride) are int32; only the base pointers
 (sequence start, head) are int64. The entry points refuse max_seqlen x row stride past 2^31 elements.
 The backward is deterministic: dk/dv per key block loop over the sequence's query blocks, dq per
@@ -63,8 +64,28 @@ def _fwd_key_block(
 
 
 @triton.jit
+def _work_item(CU_SEQLENS, nseq, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """The work-list grid's mapping of program_id(0) to (sequence, block index within it).
+
+    Sequence s owns cdiv(len_s, BLOCK) consecutive programs, in sequence order: the program finds its sequence
+    from the running sum of those counts over cu_seqlens (one [S_BLOCK] vector, S_BLOCK >= nseq). Programs
+    past the last block get i_s == nseq (idle). Empty sequences own no program."""
+    pid = tl.program_id(0)
+    idx = tl.arange(0, S_BLOCK)
+    live = idx < nseq
+    lo = tl.load(CU_SEQLENS + idx, mask=live, other=0)
+    hi = tl.load(CU_SEQLENS + idx + 1, mask=live, other=0)
+    blocks = (hi - lo + BLOCK - 1) // BLOCK
+    ends = tl.cumsum(blocks, 0)  # programs owned by sequences 0..s
+    i_s = tl.sum((live & (ends <= pid)).to(tl.int32), 0)  # sequences wholly before this program
+    first = tl.sum(tl.where(idx == i_s, ends - blocks, 0), 0)  # the sequence's first program
+    return i_s, pid - first
+
+
+@triton.jit
 def _varlen_attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
+    nseq,  # sequences (read by the work-list grid only)
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain, so exp2 below
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -76,10 +97,17 @@ def _varlen_attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WORK_LIST: tl.constexpr,  # grid (work list, H, 1), else (query blocks of the longest sequence, H, S)
+    S_BLOCK: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
+    if WORK_LIST:
+        i_s, i_m = _work_item(CU_SEQLENS, nseq, BLOCK_M, S_BLOCK)
+        if i_s >= nseq:
+            return
+    else:
+        i_m = tl.program_id(0)
+        i_s = tl.program_id(2)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32, as every in-sequence offset below
     bos = bos32.to(tl.int64)  # base pointers in int64
@@ -166,6 +194,7 @@ def _bwd_block(
 @triton.jit
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
+    nseq,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -179,11 +208,18 @@ def _varlen_attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WORK_LIST: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
     # one key block of one (head, sequence); loops over all of the sequence's query blocks
-    i_n = tl.program_id(0)
+    if WORK_LIST:
+        i_s, i_n = _work_item(CU_SEQLENS, nseq, BLOCK_N, S_BLOCK)
+        if i_s >= nseq:
+            return
+    else:
+        i_n = tl.program_id(0)
+        i_s = tl.program_id(2)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
     bos = bos32.to(tl.int64)
@@ -227,6 +263,7 @@ def _varlen_attn_bwd_dkdv_kernel(
 @triton.jit
 def _varlen_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    nseq,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -239,11 +276,18 @@ def _varlen_attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WORK_LIST: tl.constexpr,
+    S_BLOCK: tl.constexpr,
 ):
     # one query block of one (head, sequence); loops over all of the sequence's key blocks
-    i_m = tl.program_id(0)
+    if WORK_LIST:
+        i_s, i_m = _work_item(CU_SEQLENS, nseq, BLOCK_M, S_BLOCK)
+        if i_s >= nseq:
+            return
+    else:
+        i_m = tl.program_id(0)
+        i_s = tl.program_id(2)
     i_h = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
     bos = bos32.to(tl.int64)
@@ -392,6 +436,26 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
     return tiles.tile(kind, block_d, dtype).kwargs()
 
 
+# The work-list grid runs when there are at most this many sequences; 0 (the default) keeps the grid
+# (blocks of the longest sequence, H, S), whose programs past a short sequence's end return at once. Not yet run on
+# a GPU: bench/test_attention.py times it (impl "triton_worklist") beside the default so a GPU session can decide.
+WORK_LIST_MAX_SEQUENCES = 0
+
+
+def _grid(block: int, heads: int, nseq: int, total: int, max_seqlen: int) -> tuple[tuple[int, int, int], dict]:
+    """Grid and its constexprs for a per-block kernel over `block`-row tiles of every sequence.
+
+    Work list: program_id(0) walks the sequences' blocks back to back (_work_item), so a short sequence costs
+    only its own blocks. The exact count, sum of cdiv(len_s, block), lives on the device; the host bounds it by
+    what it knows without a sync: cdiv(len_s, block) <= (len_s + block - 1) / block summed over the sequences,
+    and never above the dense grid's count. Past the exact count a program returns at once."""
+    dense = cdiv(max_seqlen, block) * nseq
+    if 0 < nseq <= WORK_LIST_MAX_SEQUENCES:
+        bound = min(dense, (total + nseq * (block - 1)) // block)
+        return (bound, heads, 1), dict(WORK_LIST=True, S_BLOCK=max(16, next_power_of_2(nseq)))
+    return (cdiv(max_seqlen, block), heads, nseq), dict(WORK_LIST=False, S_BLOCK=1)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: true fp32 products, not TF32 (fp16/bf16 ignore this)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -413,15 +477,15 @@ def varlen_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seq
         return o, lse
     block_d = _block_d(head_dim)
     cfg = _config("fwd", block_d, q.dtype)
-    grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)
+    grid, work = _grid(cfg["BLOCK_M"], heads, nseq, total, max_seqlen)
     with device_guard(q.device):
         _varlen_attn_fwd_kernel[grid](
-            q, k, v, o, lse, cu_seqlens,
+            q, k, v, o, lse, cu_seqlens, nseq,
             scale * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(),
             o.stride(0), o.stride(1),
             lse.stride(0),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype), **cfg, **work,
         )
     return o, lse
 
@@ -474,18 +538,20 @@ def _launch_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv) 
         )
         return
     cfg = _config("dkdv", block_d, q.dtype)
-    _varlen_attn_bwd_dkdv_kernel[(cdiv(max_seqlen, cfg["BLOCK_N"]), heads, nseq)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens,
+    grid, work = _grid(cfg["BLOCK_N"], heads, nseq, total, max_seqlen)
+    _varlen_attn_bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, nseq,
         scale * _LOG2E, scale,
         *strides, *dk.stride(), *dv.stride(), lse.stride(0),
-        **common, **cfg,
+        **common, **cfg, **work,
     )
     cfg = _config("dq", block_d, q.dtype)
-    _varlen_attn_bwd_dq_kernel[(cdiv(max_seqlen, cfg["BLOCK_M"]), heads, nseq)](
-        q, k, v, do, lse, delta, dq, cu_seqlens,
+    grid, work = _grid(cfg["BLOCK_M"], heads, nseq, total, max_seqlen)
+    _varlen_attn_bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, cu_seqlens, nseq,
         scale * _LOG2E, scale,
         *strides, *dq.stride(), lse.stride(0),
-        **common, **cfg,
+        **common, **cfg, **work,
     )
 
 
