@@ -64,22 +64,26 @@ def _fwd_key_block(
 
 
 @triton.jit
-def _work_item(CU_SEQLENS, nseq, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
-    """The work-list grid's mapping of program_id(0) to (sequence, block index within it).
+def _program_block(CU_SEQLENS, nseq, BLOCK: tl.constexpr, WORK_LIST: tl.constexpr, S_BLOCK: tl.constexpr):
+    """(sequence, block index within it) of this program; sequence == nseq: nothing to do.
 
-    Sequence s owns cdiv(len_s, BLOCK) consecutive programs, in sequence order: the program finds its sequence
-    from the running sum of those counts over cu_seqlens (one [S_BLOCK] vector, S_BLOCK >= nseq). Programs
-    past the last block get i_s == nseq (idle). Empty sequences own no program."""
-    pid = tl.program_id(0)
-    idx = tl.arange(0, S_BLOCK)
-    live = idx < nseq
-    lo = tl.load(CU_SEQLENS + idx, mask=live, other=0)
-    hi = tl.load(CU_SEQLENS + idx + 1, mask=live, other=0)
-    blocks = (hi - lo + BLOCK - 1) // BLOCK
-    ends = tl.cumsum(blocks, 0)  # programs owned by sequences 0..s
-    i_s = tl.sum((live & (ends <= pid)).to(tl.int32), 0)  # sequences wholly before this program
-    first = tl.sum(tl.where(idx == i_s, ends - blocks, 0), 0)  # the sequence's first program
-    return i_s, pid - first
+    Dense grid (blocks of the longest sequence, H, S): program_id(0) and (2). Work-list grid (bound, H, 1):
+    sequence s owns cdiv(len_s, BLOCK) consecutive programs, in sequence order; the program finds its sequence
+    from the running sum of those counts over cu_seqlens (one [S_BLOCK] vector, S_BLOCK >= nseq). Programs past
+    the last block get nseq. Empty sequences own no program."""
+    if WORK_LIST:
+        pid = tl.program_id(0)
+        idx = tl.arange(0, S_BLOCK)
+        live = idx < nseq
+        lo = tl.load(CU_SEQLENS + idx, mask=live, other=0)
+        hi = tl.load(CU_SEQLENS + idx + 1, mask=live, other=0)
+        blocks = (hi - lo + BLOCK - 1) // BLOCK
+        ends = tl.cumsum(blocks, 0)  # programs owned by sequences 0..s
+        i_s = tl.sum((live & (ends <= pid)).to(tl.int32), 0)  # sequences wholly before this program
+        first = tl.sum(tl.where(idx == i_s, ends - blocks, 0), 0)  # the sequence's first program
+        return i_s, pid - first
+    else:
+        return tl.program_id(2), tl.program_id(0)
 
 
 @triton.jit
@@ -100,13 +104,9 @@ def _varlen_attn_fwd_kernel(
     WORK_LIST: tl.constexpr,  # grid (work list, H, 1), else (query blocks of the longest sequence, H, S)
     S_BLOCK: tl.constexpr,
 ):
-    if WORK_LIST:
-        i_s, i_m = _work_item(CU_SEQLENS, nseq, BLOCK_M, S_BLOCK)
-        if i_s >= nseq:
-            return
-    else:
-        i_m = tl.program_id(0)
-        i_s = tl.program_id(2)
+    i_s, i_m = _program_block(CU_SEQLENS, nseq, BLOCK_M, WORK_LIST, S_BLOCK)
+    if i_s >= nseq:  # past the work list's last block
+        return
     i_h = tl.program_id(1).to(tl.int64)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32, as every in-sequence offset below
@@ -212,13 +212,9 @@ def _varlen_attn_bwd_dkdv_kernel(
     S_BLOCK: tl.constexpr,
 ):
     # one key block of one (head, sequence); loops over all of the sequence's query blocks
-    if WORK_LIST:
-        i_s, i_n = _work_item(CU_SEQLENS, nseq, BLOCK_N, S_BLOCK)
-        if i_s >= nseq:
-            return
-    else:
-        i_n = tl.program_id(0)
-        i_s = tl.program_id(2)
+    i_s, i_n = _program_block(CU_SEQLENS, nseq, BLOCK_N, WORK_LIST, S_BLOCK)
+    if i_s >= nseq:  # past the work list's last block
+        return
     i_h = tl.program_id(1).to(tl.int64)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
@@ -280,13 +276,9 @@ def _varlen_attn_bwd_dq_kernel(
     S_BLOCK: tl.constexpr,
 ):
     # one query block of one (head, sequence); loops over all of the sequence's key blocks
-    if WORK_LIST:
-        i_s, i_m = _work_item(CU_SEQLENS, nseq, BLOCK_M, S_BLOCK)
-        if i_s >= nseq:
-            return
-    else:
-        i_m = tl.program_id(0)
-        i_s = tl.program_id(2)
+    i_s, i_m = _program_block(CU_SEQLENS, nseq, BLOCK_M, WORK_LIST, S_BLOCK)
+    if i_s >= nseq:  # past the work list's last block
+        return
     i_h = tl.program_id(1).to(tl.int64)
     bos32 = tl.load(CU_SEQLENS + i_s)
     seqlen = tl.load(CU_SEQLENS + i_s + 1) - bos32  # int32 in-sequence offsets; int64 base pointers
@@ -445,7 +437,7 @@ WORK_LIST_MAX_SEQUENCES = 0
 def _grid(block: int, heads: int, nseq: int, total: int, max_seqlen: int) -> tuple[tuple[int, int, int], dict]:
     """Grid and its constexprs for a per-block kernel over `block`-row tiles of every sequence.
 
-    Work list: program_id(0) walks the sequences' blocks back to back (_work_item), so a short sequence costs
+    Work list: program_id(0) walks the sequences' blocks back to back (_program_block), so a short sequence costs
     only its own blocks. The exact count, sum of cdiv(len_s, block), lives on the device; the host bounds it by
     what it knows without a sync: cdiv(len_s, block) <= (len_s + block - 1) / block summed over the sequences,
     and never above the dense grid's count. Past the exact count a program returns at once."""
