@@ -92,6 +92,17 @@ def _fwd_bwd(fn, inputs, grad):
     return call
 
 
+def _work_list(fn):
+    """fn with the attention's opt-in work-list grid (kernels/attention/fused.py, WORK_LIST_MAX_SEQUENCES)."""
+    def call():
+        saved, attention_fused.WORK_LIST_MAX_SEQUENCES = attention_fused.WORK_LIST_MAX_SEQUENCES, 4096
+        try:
+            return fn()
+        finally:
+            attention_fused.WORK_LIST_MAX_SEQUENCES = saved
+    return call
+
+
 def cases(preset: str, batch: int):
     """(name, direct-able call) pairs at the preset's shapes and one batch's real masks."""
     cfg = get_preset(preset)
@@ -141,6 +152,7 @@ def cases(preset: str, batch: int):
                                                                      validate=False), True
     yield "varlen_attention fwd", lambda: attn().detach(), True
     yield "varlen_attention fwd+bwd", _fwd_bwd(attn, [qkv], g_attn), True
+    yield "varlen_attention fwd+bwd, work-list grid", _work_list(_fwd_bwd(attn, [qkv], g_attn)), True
     yield "layer_norm + residual fwd", lambda: norm()[0].detach(), True
     yield "layer_norm + residual fwd+bwd", _fwd_bwd(norm, [x, res, w, b], g_norm), True
     yield "bias_gelu fwd", lambda: gelu().detach(), True

@@ -645,8 +645,11 @@ def test_host_bench_stubs_every_launch_and_restores_them(tmp_path, monkeypatch, 
     (path,) = tmp_path.glob("*_host.json")
     rows = json.loads(path.read_text())["rows"]
     ops = [r["op"] for r in rows]
-    assert len(ops) == 12 and {"masked_gather fwd+bwd, plan from pack_masks", "varlen_attention fwd+bwd",
-                               "layer_norm + residual fwd+bwd", "bias_gelu fwd+bwd"} <= set(ops)
+    assert len(ops) == 13 and {"masked_gather fwd+bwd, plan from pack_masks", "varlen_attention fwd+bwd",
+                               "varlen_attention fwd+bwd, work-list grid", "layer_norm + residual fwd+bwd",
+                               "bias_gelu fwd+bwd"} <= set(ops)
+    from kernels.attention import fused
+    assert fused.WORK_LIST_MAX_SEQUENCES == 0  # the opt-in grid was switched back off
     assert all(r["host_us_direct"] > 0 for r in rows)
     assert sum(r["host_us_custom_op"] is None for r in rows) == 2  # the EMA ops have no eager twin
     assert "| varlen_attention fwd+bwd |" in capsys.readouterr().out
