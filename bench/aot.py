@@ -216,14 +216,21 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the target's, e.g. 232448 for sm_90)")
     p.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = p.parse_args(argv)
+    names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in names if d not in tiles.DTYPES]
+    if unknown or not names:
+        p.error(f"--dtypes: unknown {', '.join(unknown) or '(empty list)'}; choose from {', '.join(tiles.DTYPES)}")
+    dtypes = [tiles.DTYPES[d] for d in names]
+    block_ds = [d.strip() for d in args.block_ds.split(",") if d.strip()]
+    if not block_ds or not all(d.isdigit() and int(d) in tiles.BLOCK_DS for d in block_ds):
+        p.error(f"--block-ds: {args.block_ds!r}; give a comma list of {', '.join(map(str, tiles.BLOCK_DS))}")
+    block_ds = [int(d) for d in block_ds]
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("bench.aot: TRITON_INTERPRET=1 turns kernels into interpreted functions, which do not compile; "
               "run it without TRITON_INTERPRET", file=sys.stderr)
         return 2
     if args.smem_limit is not None:
         SMEM_LIMIT[args.arch] = args.smem_limit
-    dtypes = [tiles.DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
-    block_ds = [int(d) for d in args.block_ds.split(",") if d.strip()]
     jobs = list(attention_jobs(dtypes, block_ds, args.table_only))
     jobs += list(other_jobs([d for d in dtypes if d != torch.float32]))
     results = []

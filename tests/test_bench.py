@@ -581,6 +581,18 @@ def _aot(*args: str) -> subprocess.CompletedProcess:
                            "--table-only", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.parametrize("args,flag", [(["--dtypes", "bf17"], "--dtypes"), (["--dtypes", ","], "--dtypes"),
+                                       (["--block-ds", "48"], "--block-ds"), (["--block-ds", "x"], "--block-ds")])
+def test_aot_rejects_bad_lists_in_one_line(args, flag, capsys):
+    from bench import aot
+
+    with pytest.raises(SystemExit) as e:
+        aot.main(args)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m bench.aot: error: " + flag)
+
+
 def test_aot_compiles_the_table_kernels_for_sm90(tmp_path):
     """Every kernel the built-in tables launch compiles for an H100 with the installed Triton and
     fits its shared memory: the check bench/aot.py runs before a GPU lease, here on one dtype."""
@@ -591,7 +603,8 @@ def test_aot_compiles_the_table_kernels_for_sm90(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads(out.read_text())["results"]
     kernels = {x["kernel"] for x in results}
-    assert {"attn_fwd", "attn_dkdv", "attn_dq", "attn_bwd_preprocess", "masked_gather_fwd", "masked_gather_bwd",
+    assert {"attn_fwd", "attn_dkdv", "attn_dq", "attn_fwd_worklist", "attn_dkdv_worklist", "attn_dq_worklist",
+            "attn_bwd_preprocess", "masked_gather_fwd", "masked_gather_bwd",
             "gather_layer_norm_fwd", "ema_update", "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd",
             "bias_gelu_bwd"} <= kernels
     assert all(x["ok"] and x["in_table"] for x in results)
