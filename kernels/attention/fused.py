@@ -86,7 +86,7 @@ def _program_block(CU_SEQLENS, nseq, BLOCK: tl.constexpr, WORK_LIST: tl.constexp
         return tl.program_id(2), tl.program_id(0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nseq"])  # one compile for every batch size
 def _varlen_attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     nseq,  # sequences (read by the work-list grid only)
@@ -191,7 +191,7 @@ def _bwd_block(
     return qT, do, pT, pT * (dpT - delta[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nseq"])  # one compile for every batch size
 def _varlen_attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
     nseq,
@@ -256,7 +256,7 @@ def _varlen_attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nseq"])  # one compile for every batch size
 def _varlen_attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     nseq,
@@ -429,8 +429,9 @@ def _config(kind: str, block_d: int, dtype: torch.dtype) -> dict:
 
 
 # The work-list grid runs when there are at most this many sequences; 0 (the default) keeps the grid
-# (blocks of the longest sequence, H, S), whose programs past a short sequence's end return at once. Not yet run on
-# a GPU: bench/test_attention.py times it (impl "triton_worklist") beside the default so a GPU session can decide.
+# (blocks of the longest sequence, H, S), whose programs past a short sequence's end return at once. Each program
+# reads cu_seqlens as one vector of next_power_of_2(S) entries, so keep this to a few thousand. Not yet run on a
+# GPU: bench/test_attention.py times it (impl "triton_worklist") beside the default so a GPU session can decide.
 WORK_LIST_MAX_SEQUENCES = 0
 
 
