@@ -87,3 +87,40 @@ def test_plot_errors_name_the_path(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path / "empty")
+
+
+def _plot_learning():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_learning.py"
+    spec = importlib.util.spec_from_file_location("plot_learning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_learning_draws_the_committed_runs(tmp_path, capsys):
+    pl = _plot_learning()
+    rows = pl.read_runs(pl.ROOT / "docs" / "learning_runs.csv")
+    assert len({r["row"] for r in rows}) == len(rows) and sum(r["default"] for r in rows) >= 3
+    out = tmp_path / "learning.png"
+    assert pl.main(["--out", str(out)]) == 0
+    img = _image(out)
+    assert img.std() > 0.05  # something is drawn, not a blank canvas
+    assert f"({len(rows)} runs)" in capsys.readouterr().out
+
+
+def test_plot_learning_bad_csv_is_one_line(tmp_path, capsys):
+    pl = _plot_learning()
+    bad = tmp_path / "runs.csv"
+    bad.write_text("pass,row,label,default,margin\n5,a,b,0,1.0\n")
+    assert pl.main(["--csv", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "clip_rankme_x" in err and "\n" not in err
+    bad.write_text("pass,row,label,default,margin,clip_rankme_x\n5,a,b,0,lots,2\n")
+    assert pl.main(["--csv", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert pl.main(["--csv", str(tmp_path / "none.csv")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,106 @@
+"""Draw the speech ablation of docs/learning.md as one picture: every run's probe margin over its best
+random-init seed, and the RankMe of its clip embeddings against random init's, beside issue #14's bars.
+
+    python scripts/plot_learning.py                        # docs/learning_runs.csv -> docs/learning.png
+    python scripts/plot_learning.py --csv runs.csv --out fig.png
+
+The CSV has one row per scored training run (the tables of docs/learning.md, passes five on; every row was
+measured by `scripts/learn_eval.py` as described there) with the columns
+    pass, row, label, default, margin, clip_rankme_x
+pass: the ablation pass (an integer); row: the run's name in docs/learning.md; label: what changed, short;
+default: 1 for a run of the default recipe itself (its seeds set the shaded band), else 0; margin: the
+target encoder's probe accuracy (split 0) minus the best of three random-init seeds', in points;
+clip_rankme_x: the RankMe of its clip embeddings divided by the highest random-init seed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ("pass", "row", "label", "default", "margin", "clip_rankme_x")
+PROBE_BAR = 15.0  # issue #14: at least 15 points above the best of three random-init seeds
+RANKME_BAR = 2.0  # issue #14: RankMe at least twice random init's
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The CSV's rows, typed; a missing file, column or malformed value is a one-line ValueError."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+            rows = []
+            for line, r in enumerate(reader, start=2):
+                try:
+                    rows.append(dict(r, **{"pass": int(r["pass"]), "default": r["default"] == "1",
+                                           "margin": float(r["margin"]), "clip_rankme_x": float(r["clip_rankme_x"])}))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}, line {line}: pass, margin and clip_rankme_x must be numbers") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not rows:
+        raise ValueError(f"{path}: no runs")
+    return rows
+
+
+def draw(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (not r["default"], r["pass"], r["row"]))
+    defaults = [r for r in rows if r["default"]]
+    y = list(range(len(rows)))[::-1]
+    colors = {p: c for p, c in zip(sorted({r["pass"] for r in rows}), plt.get_cmap("tab10").colors)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.26 * len(rows) + 1.6), sharey=True,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for ax, key, bar, title in (
+        (axes[0], "margin", PROBE_BAR, "probe margin over the best random-init seed (points, split 0)"),
+        (axes[1], "clip_rankme_x", RANKME_BAR, "RankMe of the clip embeddings / random init's"),
+    ):
+        if defaults:
+            lo, hi = min(r[key] for r in defaults), max(r[key] for r in defaults)
+            ax.axvspan(lo, hi, color="0.88", zorder=0, label=f"the default's {len(defaults)} training seeds")
+            ax.axvline(sum(r[key] for r in defaults) / len(defaults), color="black", lw=1, ls=":",
+                       label="their mean")
+        ax.axvline(bar, color="crimson", lw=1.2, ls="--", label="issue #14's bar")
+        ax.axvline(0.0, color="0.4", lw=0.8)
+        for yi, r in zip(y, rows):
+            ax.plot(r[key], yi, "o", ms=5, color="black" if r["default"] else colors[r["pass"]])
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [f"{r['label']}  [{r['row']}]" for r in rows], fontsize=7)
+    axes[0].set_ylim(-0.8, len(rows) - 0.2)
+    handles = [plt.Line2D([], [], ls="", marker="o", color="black", label="the default")]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=f"pass {p}") for p, c in colors.items()]
+    axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7, loc="lower left")
+    fig.suptitle("The tiny recipe on the speech benchmark: every scored run (docs/learning.md)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--csv", type=Path, default=ROOT / "docs" / "learning_runs.csv")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning.png")
+    args = p.parse_args(argv)
+    try:
+        rows = read_runs(args.csv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    draw(rows, args.out)
+    print(f"wrote {args.out} ({len(rows)} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
