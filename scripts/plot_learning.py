@@ -79,7 +79,7 @@ def draw(rows: list[dict], out: Path) -> None:
     axes[0].set_ylim(-0.8, len(rows) - 0.2)
     handles = [plt.Line2D([], [], ls="", marker="o", color="black", label="the default")]
     handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=f"pass {p}") for p, c in colors.items()]
-    axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7, loc="lower left")
+    axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7, loc="upper left")
     fig.suptitle("The tiny recipe on the speech benchmark: every scored run (docs/learning.md)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
