@@ -81,7 +81,7 @@ def draw(rows: list[dict], out: Path) -> None:
     handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=f"pass {p}") for p, c in colors.items()]
     axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7, loc="upper left")
     fig.suptitle("The tiny recipe on the speech benchmark: every scored run (docs/learning.md)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
