@@ -210,7 +210,9 @@ def add_commands(sub) -> None:
                                    "(labelled words; other words and other voices than pretraining).")
     p.add_argument("--out", type=Path, required=True, help="benchmark folder")
     p.add_argument("--seed", type=int, default=0, help="seed of texts, voices, speeds and pitches (default 0)")
-    p.add_argument("--pretrain-clips", type=int, default=1200, help="unlabelled phrases (default 1200)")
+    p.add_argument("--pretrain-clips", type=int, default=1200,
+                   help="unlabelled phrases (default 1200); the probe clips are drawn after them from the same "
+                        "seeded stream, so another count gives another probe set")
     p.add_argument("--per-word", type=int, default=42, help="probe clips per word, 10 words (default 42)")
     p.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes (default 2)")
     add_progress_flag(p)
