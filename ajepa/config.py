@@ -131,6 +131,10 @@ class ModelConfig:
     clip_loss_weight: float = 0.0  # L2 from each clip's mean context token to its mean target token; 0 disables
     ctx_mel_shift: int = 0  # the context view moves each clip by up to this many mel bins (model/augment.py)
     ctx_gain_db: float = 0.0  # the context view changes each clip's level by up to this many dB; 0 = off
+    # The encoders' fixed sin-cos positions times this (the predictor keeps its own at 1). At 1 they swamp a random
+    # encoder's mean-pooled features; at 0.25 random init probes as high as the pretrained tiny default
+    # (docs/learning.md, tenth pass)
+    pos_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,8 @@ def validate(cfg: Config) -> Config:
                           "(below audio.num_mel_bins)")
     if not (math.isfinite(m.ctx_gain_db) and m.ctx_gain_db >= 0):
         raise ConfigError(f"model.ctx_gain_db={m.ctx_gain_db} must be finite and >= 0")
+    if not (math.isfinite(m.pos_scale) and m.pos_scale >= 0):
+        raise ConfigError(f"model.pos_scale={m.pos_scale} must be finite and >= 0")
     if m.clip_tokens_only and (m.target_layers > 1 or m.target_norm != "layer" or m.clip_loss_weight > 0):
         raise ConfigError("model.clip_tokens_only=true needs model.target_layers=1, model.target_norm=layer and "
                           "model.clip_loss_weight=0 (the targets of the last layer only)")

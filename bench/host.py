@@ -140,7 +140,7 @@ def cases(preset: str, batch: int):
     def gelu():
         return kernels.bias_gelu(h, hb, impl="triton")
 
-    enc = ViTEncoder(cfg.grid, cfg.patch_shape, D, m.depth, m.num_heads, m.mlp_ratio)
+    enc = ViTEncoder(cfg.grid, cfg.patch_shape, D, m.depth, m.num_heads, m.mlp_ratio, m.pos_scale)
     online = list(enc.parameters())
     target = [p.detach().clone() for p in online]
     plan = kernels.EmaPlan(target, online, impl="triton")

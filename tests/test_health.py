@@ -254,3 +254,30 @@ def test_the_context_view_reaches_the_context_encoder_only():
         micro_config(**{"model.ctx_mel_shift": 10_000})
     with pytest.raises(ConfigError, match="model.ctx_gain_db"):
         micro_config(**{"model.ctx_gain_db": -1.0})
+
+
+def test_pos_scale_scales_the_encoders_positions_only(tmp_path):
+    from ajepa.eval.embed import load_encoder, random_encoder
+    from ajepa.model.vit import sincos_pos_embed
+
+    cfg = micro_config(**{"model.pos_scale": 0.25})
+    plain = micro_config()
+    torch.manual_seed(0)
+    model, base = AJEPA(cfg, impl="reference"), AJEPA(plain, impl="reference")
+    full = sincos_pos_embed(cfg.grid, cfg.model.embed_dim)
+    for enc in (model.encoder, model.target_encoder, random_encoder(cfg).vit):
+        assert torch.equal(enc.pos_embed, full * 0.25)
+    assert torch.equal(base.encoder.pos_embed, full)
+    assert torch.equal(model.predictor.pos_embed, base.predictor.pos_embed)  # the predictor keeps its own
+    # Same weights, other positions: the features differ; the scale travels with the exported encoder.
+    base.load_state_dict(model.state_dict())
+    spec = torch.randn(2, 1, cfg.audio.target_frames, cfg.audio.num_mel_bins)
+    out, ref = model.encoder.forward_dense(spec, "reference"), base.encoder.forward_dense(spec, "reference")
+    assert not torch.allclose(out, ref)
+    enc = random_encoder(cfg, seed=3)
+    path = enc.save_safetensors(tmp_path / "enc.safetensors")
+    back = load_encoder(path)
+    assert back.cfg.model.pos_scale == 0.25 and torch.equal(back.vit.pos_embed, full * 0.25)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="model.pos_scale"):
+            micro_config(**{"model.pos_scale": bad})

@@ -95,7 +95,8 @@ class Encoder(nn.Module):
         super().__init__()
         m = cfg.model
         self.cfg = cfg
-        self.vit = vit or ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
+        self.vit = vit or ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
+                                     m.pos_scale)
         self.eval()
         self.requires_grad_(False)
 

@@ -85,7 +85,8 @@ class AJEPA(nn.Module):
         self.sigreg_content, self.sigreg_clip_weight = m.sigreg_content, m.sigreg_clip_weight
         self.clip_loss_weight = m.clip_loss_weight
         self.ctx_mel_shift, self.ctx_gain_db, self.audio = m.ctx_mel_shift, m.ctx_gain_db, cfg.audio
-        self.encoder = ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio)
+        self.encoder = ViTEncoder(cfg.grid, cfg.patch_shape, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio,
+                                  m.pos_scale)
         self.predictor = Predictor(cfg.grid, m.embed_dim, m.pred_dim, m.pred_depth, m.pred_heads, m.mlp_ratio)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)

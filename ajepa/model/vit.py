@@ -131,15 +131,15 @@ def init_weights(module: nn.Module, depth: int) -> None:
 
 
 class ViTEncoder(nn.Module):
-    """The context / target encoder: patch embedding, fixed sin-cos positions, pre-norm blocks."""
+    """The context / target encoder: patch embedding, fixed sin-cos positions (times pos_scale), pre-norm blocks."""
 
     def __init__(self, grid: tuple[int, int], patch_size: int | tuple[int, int], dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float):
+                 mlp_ratio: float, pos_scale: float = 1.0):
         super().__init__()
         self.grid = grid
         self.dim = dim
         self.patch_embed = PatchEmbed(patch_size, dim)
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim) * pos_scale, persistent=False)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = LayerNorm(dim, eps=1e-6)
         init_weights(self, depth)
