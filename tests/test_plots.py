@@ -124,3 +124,39 @@ def test_plot_learning_bad_csv_is_one_line(tmp_path, capsys):
     assert pl.main(["--csv", str(tmp_path / "none.csv")]) == 2
     assert "cannot be read" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def _plot_pos_scale():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_pos_scale.py"
+    spec = importlib.util.spec_from_file_location("plot_pos_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_pos_scale_draws_the_committed_sweep(tmp_path, capsys):
+    ps = _plot_pos_scale()
+    rows = ps.read_sweep(ps.ROOT / "docs" / "learning_pos_scale.csv")
+    assert {r["encoder"] for r in rows} == {"random", "pretrained"} and 1.0 in {r["pos_scale"] for r in rows}
+    out = tmp_path / "pos.png"
+    assert ps.main(["--out", str(out)]) == 0
+    assert _image(out).std() > 0.05
+    assert f"({len(rows)} encoders)" in capsys.readouterr().out
+
+
+def test_plot_pos_scale_bad_csv_is_one_line(tmp_path, capsys):
+    ps = _plot_pos_scale()
+    bad = tmp_path / "sweep.csv"
+    for text, says in (("pos_scale,encoder,seed\n1,random,0\n", "probe"),
+                       ("pos_scale,encoder,seed,probe\n1,trained,0,0.7\n", "encoder 'trained'"),
+                       ("pos_scale,encoder,seed,probe\n1,random,0,high\n", "line 2")):
+        bad.write_text(text)
+        assert ps.main(["--csv", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and says in err and "\n" not in err
+    assert ps.main(["--csv", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
