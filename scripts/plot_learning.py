@@ -1,16 +1,23 @@
-"""Draw the speech ablation of docs/learning.md as one picture: every run's probe margin over its best
-random-init seed, and the RankMe of its clip embeddings against random init's, beside issue #14's bars.
+"""Draw the speech ablation of docs/learning.md as two pictures: every run's probe margin over its best
+random-init seed with the RankMe of its clip embeddings against random init's, beside issue #14's bars; and the
+probe of random-init and pretrained encoders against the amplitude of their positions (`model.pos_scale`).
 
-    python scripts/plot_learning.py                        # docs/learning_runs.csv -> docs/learning.png
-    python scripts/plot_learning.py --csv runs.csv --out fig.png
+    python scripts/plot_learning.py          # docs/learning_runs.csv -> docs/learning.png,
+                                             # docs/learning_pos_scale.csv -> docs/learning_pos_scale.png
+    python scripts/plot_learning.py --csv runs.csv --out fig.png --sweep-csv sweep.csv --sweep-out sweep.png
 
-The CSV has one row per scored training run (the tables of docs/learning.md, passes five on; every row was
-measured by `scripts/learn_eval.py` as described there) with the columns
+learning_runs.csv has one row per scored training run (the tables of docs/learning.md, passes five on; every row
+was measured by `scripts/learn_eval.py` as described there) with the columns
     pass, row, label, default, margin, clip_rankme_x
 pass: the ablation pass (an integer); row: the run's name in docs/learning.md; label: what changed, short;
 default: 1 for a run of the default recipe itself (its seeds set the shaded band), else 0; margin: the
 target encoder's probe accuracy (split 0) minus the best of three random-init seeds', in points;
 clip_rankme_x: the RankMe of its clip embeddings divided by the highest random-init seed's.
+
+learning_pos_scale.csv has one row per scored encoder of the tenth pass's sweep, with the columns
+    pos_scale, encoder, seed, probe
+encoder: "random" (untrained) or "pretrained" (the `tiny` default trained 600 steps at that scale); seed: its
+init or training seed; probe: linear-probe accuracy of its mean-pooled clip embeddings, split 0.
 """
 
 from __future__ import annotations
@@ -24,28 +31,57 @@ ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("pass", "row", "label", "default", "margin", "clip_rankme_x")
 PROBE_BAR = 15.0  # issue #14: at least 15 points above the best of three random-init seeds
 RANKME_BAR = 2.0  # issue #14: RankMe at least twice random init's
+SWEEP_COLUMNS = ("pos_scale", "encoder", "seed", "probe")
+ENCODERS = ("random", "pretrained")
+LOGMEL = 0.940  # `ajepa probe --baseline mel` on the speech probe set, split 0 (`learn_eval.py --mel`: 0.927)
 
 
-def read_runs(path: Path) -> list[dict]:
-    """The CSV's rows, typed; a missing file, column or malformed value is a one-line ValueError."""
+def read_table(path: Path, columns: tuple[str, ...], typed) -> list[dict]:
+    """The CSV's rows, each passed through typed(row) (which raises ValueError naming what is wrong); a missing
+    file, column or malformed value is a one-line ValueError."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+                raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
             rows = []
             for line, r in enumerate(reader, start=2):
                 try:
-                    rows.append(dict(r, **{"pass": int(r["pass"]), "default": r["default"] == "1",
-                                           "margin": float(r["margin"]), "clip_rankme_x": float(r["clip_rankme_x"])}))
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}, line {line}: pass, margin and clip_rankme_x must be numbers") from None
+                    rows.append(typed(r))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{path}, line {line}: {exc}") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not rows:
-        raise ValueError(f"{path}: no runs")
+        raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _run(r: dict) -> dict:
+    try:
+        return dict(r, **{"pass": int(r["pass"]), "default": r["default"] == "1", "margin": float(r["margin"]),
+                          "clip_rankme_x": float(r["clip_rankme_x"])})
+    except (TypeError, ValueError):
+        raise ValueError("pass, margin and clip_rankme_x must be numbers") from None
+
+
+def _encoder(r: dict) -> dict:
+    if r["encoder"] not in ENCODERS:
+        raise ValueError(f"encoder {r['encoder']!r}; choose {' or '.join(ENCODERS)}")
+    try:
+        return {"pos_scale": float(r["pos_scale"]), "encoder": r["encoder"], "seed": int(r["seed"]),
+                "probe": float(r["probe"])}
+    except (TypeError, ValueError):
+        raise ValueError("pos_scale, seed and probe must be numbers") from None
+
+
+def read_runs(path: Path) -> list[dict]:
+    return read_table(path, COLUMNS, _run)
+
+
+def read_sweep(path: Path) -> list[dict]:
+    return read_table(path, SWEEP_COLUMNS, _encoder)
 
 
 def draw(rows: list[dict], out: Path) -> None:
@@ -87,18 +123,52 @@ def draw(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def draw_sweep(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    # Random init: the best seed at each scale (issue #14's baseline); pretrained: the mean over its seeds.
+    for enc, color, marker, pick, what in (("random", "0.45", "o", max, "the best seed"),
+                                           ("pretrained", "tab:blue", "s", lambda v: sum(v) / len(v), "the mean")):
+        pts = [r for r in rows if r["encoder"] == enc]
+        if not pts:
+            continue
+        scales = sorted({r["pos_scale"] for r in pts})
+        line = [pick([r["probe"] for r in pts if r["pos_scale"] == s]) for s in scales]
+        ax.plot([r["pos_scale"] for r in pts], [r["probe"] for r in pts], marker, color=color, ms=5, alpha=0.8,
+                ls="", label=f"{enc}: each seed")
+        ax.plot(scales, line, "-", color=color, lw=1.2, label=f"{enc}: {what} at each scale")
+    ax.axhline(LOGMEL, color="crimson", lw=1.2, ls="--", label="log-mel mean + std (no network)")
+    ax.axvline(1.0, color="0.7", lw=0.8, ls=":")
+    ax.set_xlabel("model.pos_scale (the encoders' sin-cos positions times this; 1 = the default)")
+    ax.set_ylabel("speech probe accuracy (split 0)")
+    ax.set_title("The margin over random init is set by the positions' amplitude", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", type=Path, default=ROOT / "docs" / "learning_runs.csv")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning.png")
+    p.add_argument("--sweep-csv", type=Path, default=ROOT / "docs" / "learning_pos_scale.csv")
+    p.add_argument("--sweep-out", type=Path, default=ROOT / "docs" / "learning_pos_scale.png")
     args = p.parse_args(argv)
-    try:
-        rows = read_runs(args.csv)
+    try:  # both tables are read before anything is drawn: a bad one writes nothing
+        rows, sweep = read_runs(args.csv), read_sweep(args.sweep_csv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     draw(rows, args.out)
-    print(f"wrote {args.out} ({len(rows)} runs)")
+    draw_sweep(sweep, args.sweep_out)
+    print(f"wrote {args.out} ({len(rows)} runs) and {args.sweep_out} ({len(sweep)} encoders)")
     return 0
 
 

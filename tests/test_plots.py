@@ -104,11 +104,14 @@ def test_plot_learning_draws_the_committed_runs(tmp_path, capsys):
     pl = _plot_learning()
     rows = pl.read_runs(pl.ROOT / "docs" / "learning_runs.csv")
     assert len({r["row"] for r in rows}) == len(rows) and sum(r["default"] for r in rows) >= 3
-    out = tmp_path / "learning.png"
-    assert pl.main(["--out", str(out)]) == 0
-    img = _image(out)
-    assert img.std() > 0.05  # something is drawn, not a blank canvas
-    assert f"({len(rows)} runs)" in capsys.readouterr().out
+    sweep = pl.read_sweep(pl.ROOT / "docs" / "learning_pos_scale.csv")
+    assert {r["encoder"] for r in sweep} == {"random", "pretrained"} and 1.0 in {r["pos_scale"] for r in sweep}
+    out, sweep_out = tmp_path / "learning.png", tmp_path / "pos.png"
+    assert pl.main(["--out", str(out), "--sweep-out", str(sweep_out)]) == 0
+    for path in (out, sweep_out):
+        assert _image(path).std() > 0.05  # something is drawn, not a blank canvas
+    said = capsys.readouterr().out
+    assert f"({len(rows)} runs)" in said and f"({len(sweep)} encoders)" in said
 
 
 def test_plot_learning_bad_csv_is_one_line(tmp_path, capsys):
@@ -126,37 +129,15 @@ def test_plot_learning_bad_csv_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-def _plot_pos_scale():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_pos_scale.py"
-    spec = importlib.util.spec_from_file_location("plot_pos_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plot_pos_scale_draws_the_committed_sweep(tmp_path, capsys):
-    ps = _plot_pos_scale()
-    rows = ps.read_sweep(ps.ROOT / "docs" / "learning_pos_scale.csv")
-    assert {r["encoder"] for r in rows} == {"random", "pretrained"} and 1.0 in {r["pos_scale"] for r in rows}
-    out = tmp_path / "pos.png"
-    assert ps.main(["--out", str(out)]) == 0
-    assert _image(out).std() > 0.05
-    assert f"({len(rows)} encoders)" in capsys.readouterr().out
-
-
-def test_plot_pos_scale_bad_csv_is_one_line(tmp_path, capsys):
-    ps = _plot_pos_scale()
-    bad = tmp_path / "sweep.csv"
+def test_plot_learning_bad_sweep_csv_is_one_line_and_draws_nothing(tmp_path, capsys):
+    pl = _plot_learning()
+    bad, out, sweep_out = tmp_path / "sweep.csv", tmp_path / "x.png", tmp_path / "y.png"
     for text, says in (("pos_scale,encoder,seed\n1,random,0\n", "probe"),
                        ("pos_scale,encoder,seed,probe\n1,trained,0,0.7\n", "encoder 'trained'"),
                        ("pos_scale,encoder,seed,probe\n1,random,0,high\n", "line 2")):
         bad.write_text(text)
-        assert ps.main(["--csv", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+        assert pl.main(["--sweep-csv", str(bad), "--out", str(out), "--sweep-out", str(sweep_out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and says in err and "\n" not in err
-    assert ps.main(["--csv", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x.png")]) == 2
-    assert "cannot be read" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    assert not out.exists() and not sweep_out.exists()
+
