@@ -6,7 +6,10 @@ phrases and a separate labelled probe set of single words, with no word and no v
     ajepa probe --checkpoint runs/speech/checkpoint.pt --data /data/speech/probe
 
 Layout: OUT/pretrain/<index>.wav (no labels) and OUT/probe/<word>/<index>.wav (label = folder),
-16 kHz mono 16-bit WAV, plus OUT/speech.json listing every clip's text, voice, speed and pitch.
+16 kHz mono 16-bit WAV, plus OUT/speech.json listing every clip's text, voice, speed and pitch, and
+OUT/probe.csv, the probe clips as a manifest with their speaker, for probes on unseen speakers:
+
+    ajepa probe --checkpoint runs/speech/checkpoint.pt --data /data/speech/probe.csv --group-by speaker
 
 A voice is an espeak-ng accent plus a voice variant (``en-us+m3``). The pretraining and probe
 sets use disjoint variant lists, so no probe speaker was heard in pretraining; the probe words
@@ -16,6 +19,7 @@ function of the seed (and of the installed espeak-ng version, which synthesizes 
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -103,9 +107,23 @@ def synthesize(clip: Clip, root: Path, sample_rate: int = 16000) -> None:
                        check=True, capture_output=True)
 
 
+def write_probe_manifest(root: str | Path, clips: list[Clip]) -> Path:
+    """root/probe.csv: path (relative to root), label, speaker (the espeak-ng voice variant: one timbre) and
+    accent of every probe clip, in the order `plan` draws them."""
+    out = Path(root) / "probe.csv"
+    with out.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "speaker", "accent"])
+        for c in clips:
+            if c.label is not None:
+                accent, _, speaker = c.voice.partition("+")
+                w.writerow([c.path, c.label, speaker, accent])
+    return out
+
+
 def build(out: str | Path, seed: int = 0, pretrain_clips: int = 1200, words_per_class: int = 42,
           jobs: int = 2, progress: bool = True) -> list[Clip]:
-    """Synthesize the benchmark under `out`; writes out/speech.json. Returns the clips."""
+    """Synthesize the benchmark under `out`; writes out/speech.json and out/probe.csv. Returns the clips."""
     missing = missing_tools()
     if missing:
         raise FileNotFoundError(f"ajepa speech needs {' and '.join(missing)}: apt-get install -y espeak-ng sox")
@@ -120,4 +138,5 @@ def build(out: str | Path, seed: int = 0, pretrain_clips: int = 1200, words_per_
     meta = {"seed": seed, "pretrain_clips": pretrain_clips, "words_per_class": words_per_class,
             "clips": [asdict(c) for c in clips]}
     (root / "speech.json").write_text(json.dumps(meta, indent=1))
+    write_probe_manifest(root, clips)
     return clips

@@ -9,6 +9,8 @@ seeds 0-2, and acc_mean_all: the mean over every token, the old pooling), and th
 health statistics of its token features over the probe clips (RankMe, mean per-dimension std,
 pos_share), rankme_audio: RankMe over the tokens that hold audio only, and rankme_clip: RankMe of the pooled
 clip embeddings the probe sees (one row per clip, as Garrido et al. compute it on pooled representations).
+With --group-by COLUMN --group-manifest MANIFEST (e.g. speaker, the probe.csv `ajepa speech` writes): also
+acc_group, the mean accuracy over group split seeds 0-4, each holding out whole groups (unseen speakers).
 One JSON line per encoder goes to stdout and to --log.
 """
 
@@ -25,11 +27,12 @@ import torch
 from ajepa.config import DataConfig, apply_overrides, get_preset
 from ajepa.data import build_dataset
 from ajepa.eval.embed import audio_token_mask, load_encoder, random_encoder
-from ajepa.eval.probe import linear_probe, stratified_split
+from ajepa.eval.probe import group_split, linear_probe, manifest_column, stratified_split
 from ajepa.model.health import health_stats, rankme
 from ajepa.stats import resolve_auto_norm
 
 SPLIT_SEEDS = (0, 1, 2)
+GROUP_SEEDS = (0, 1, 2, 3, 4)  # held-out speakers vary more from split to split than clips do
 
 
 def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
@@ -40,7 +43,15 @@ def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
     return accs[0], float(np.mean(accs))
 
 
-def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
+def group_acc(x: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> float:
+    accs = []
+    for s in GROUP_SEEDS:
+        tr, te = group_split(groups, 0.3, s)
+        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s).metrics["accuracy"])
+    return float(np.mean(accs))
+
+
+def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str, groups: np.ndarray | None = None) -> dict:
     with torch.no_grad():
         tokens = torch.cat([enc(specs[i:i + 64]) for i in range(0, len(specs), 64)])
     keep = audio_token_mask(specs, enc.cfg).float()
@@ -48,7 +59,9 @@ def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str) -> dict:
     acc0, acc = probe_acc(pooled, y)
     acc_all = probe_acc(tokens.mean(1), y)[0]
     audio = tokens[keep.bool()]  # [n_audio_tokens, D]: padding tokens left out
+    extra = {} if groups is None else {"acc_group": round(group_acc(pooled, y, groups), 4)}
     return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
+            **extra,
             "rankme_audio": round(rankme(audio), 4), "rankme_clip": round(rankme(pooled), 4),
             **{k: round(v, 4) for k, v in health_stats(tokens, max_rows=1 << 30).items()}}
 
@@ -61,6 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--mel", action="store_true")
     p.add_argument("--which", default="target")
     p.add_argument("--log", type=Path, default=Path("/work/runs/results.jsonl"))
+    p.add_argument("--group-by", default=None, metavar="COLUMN",
+                   help="also score on held-out groups named by this column of --group-manifest (e.g. speaker)")
+    p.add_argument("--group-manifest", type=Path, default=None,
+                   help="a manifest listing --probe's clips (path relative to its folder) with the --group-by column")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the --random encoders and the probe's spectrograms (repeatable)")
     args = p.parse_args(argv)
@@ -75,6 +92,22 @@ def main(argv=None) -> int:
         p.error(str(e))
     ds = build_dataset(DataConfig(path=args.probe, random_crop=False), cfg.audio)
     y = np.asarray(ds.labels)
+    groups = None
+    if (args.group_by is None) != (args.group_manifest is None):
+        p.error("--group-by and --group-manifest go together")
+    if args.group_by is not None:
+        try:
+            from ajepa.data import read_manifest
+
+            listed = {q.resolve(): g for q, g in zip(read_manifest(args.group_manifest)[0],
+                                                      manifest_column(args.group_manifest, args.group_by))}
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        missing = [q for q in ds.paths if Path(q).resolve() not in listed]
+        if missing:
+            p.error(f"--group-manifest {args.group_manifest} misses {len(missing)} of --probe's clips, "
+                    f"e.g. {missing[0]}")
+        groups = np.asarray([listed[Path(q).resolve()] for q in ds.paths])
     specs = torch.stack([ds.spectrogram(i) for i in range(len(ds))])
     rows = []
     if args.mel:
@@ -82,12 +115,14 @@ def main(argv=None) -> int:
         for i in range(len(ds)):
             fb = ds.raw_fbank(i)
             feats.append(torch.cat([fb.mean(0), fb.std(0)]))
-        acc0, acc = probe_acc(torch.stack(feats), y)
-        rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4)})
+        x = torch.stack(feats)
+        acc0, acc = probe_acc(x, y)
+        rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4),
+                     **({} if groups is None else {"acc_group": round(group_acc(x, y, groups), 4)})})
     for seed in args.random:
         name = (f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
                 + f" (norm {cfg.audio.norm_mean:.3f}/{cfg.audio.norm_std:.3f})")
-        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name))
+        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name, groups))
     for run in args.runs:
         try:
             enc = load_encoder(run / "checkpoint.pt", args.which)
@@ -98,7 +133,7 @@ def main(argv=None) -> int:
                                    .spectrogram(i) for i in range(len(ds))])
         else:
             specs_r = specs
-        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})"))
+        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})", groups))
     with args.log.open("a") as fh:
         for r in rows:
             line = json.dumps(r)

@@ -264,3 +264,73 @@ def test_mean_pooling_ignores_padding_and_mean_all_keeps_the_old_behaviour(patch
     assert torch.allclose(enc.embed(short, sr), mean[:1], atol=1e-5)
     pad = torch.full_like(spec[:1], float(spec[0, 0, -1, 0]))
     assert audio_token_mask(pad, cfg).all()
+
+
+def test_group_split_holds_out_whole_groups():
+    from ajepa.eval.probe import group_split
+
+    groups = np.repeat(list("abcdefghij"), [10, 12, 8, 10, 11, 9, 10, 10, 10, 10])
+    held = []
+    for seed in range(6):
+        tr, te = group_split(groups, 0.3, seed)
+        assert sorted(np.concatenate([tr, te]).tolist()) == list(range(groups.size))
+        assert set(groups[tr]).isdisjoint(groups[te])
+        assert len(set(groups[te])) == 3 and 26 <= te.size <= 33  # the count nearest 30 of 100 clips
+        assert np.array_equal(group_split(groups, 0.3, seed)[1], te)  # a pure function of the seed
+        held.append(frozenset(groups[te]))
+    assert len(set(held)) > 1
+    # At least one group on each side, however small or large the fraction.
+    small = np.array(["a", "b", "b", "b"])
+    for frac in (0.01, 0.99):
+        tr, te = group_split(small, frac, 0)
+        assert tr.size and te.size and set(small[tr]).isdisjoint(small[te])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        group_split(np.array(["a", "a"]), 0.3, 0)
+
+
+def test_probe_group_by_tests_on_unseen_speakers_and_refuses_what_cannot_work(ckpt, tmp_path, capsys):
+    corpus = tmp_path / "spk"
+    paths = write_synth_corpus(corpus, 42, micro_config().audio, seed=5, progress=False)
+    speakers = [f"s{i % 6}" for i in range(len(paths))]
+    manifest = corpus / "m.csv"
+    manifest.write_text("path,label,speaker\n" + "".join(
+        f"{p.relative_to(corpus)},{p.parent.name},{s}\n" for p, s in zip(paths, speakers)))
+    report = tmp_path / "g.json"
+    args = ["probe", "--checkpoint", str(ckpt), "--data", str(manifest), "--report", str(report), "--no-progress"]
+    assert main([*args, "--group-by", "speaker", "--baseline", "mel"]) == 0
+    got = json.loads(report.read_text())
+    assert got["group_by"] == "speaker" and got["n_train"] + got["n_test"] == 42 and got["n_test"] == 14
+    assert got["baselines"]["mel"]["n_test"] == 14 and "never trained on" in capsys.readouterr().out
+    # The split the probe used: whole speakers on the test side, none of them in training.
+    from ajepa.cli import build_parser
+    from ajepa.cli.eval import _encoder, _probe_split
+
+    parsed = build_parser().parse_args([*args, "--group-by", "speaker"])
+    x_tr, _, x_te, _, _ = _probe_split(parsed, _encoder(parsed))
+    x_all, _, _, _, _ = _probe_split(build_parser().parse_args([*args, "--test-data", str(manifest)]),
+                                     _encoder(parsed))
+    spk = np.array(speakers)
+    rows_te = [int(torch.cdist(x[None], x_all).argmin()) for x in x_te]
+    rows_tr = [int(torch.cdist(x[None], x_all).argmin()) for x in x_tr]
+    assert set(spk[rows_te]).isdisjoint(spk[rows_tr]) and len(set(spk[rows_te])) == 2
+    # Refused in one line before any clip is embedded, nothing written.
+    report.unlink()
+    for extra, says in ((["--group-by", "room"], "no 'room' column"),
+                        (["--group-by", "speaker", "--test-data", str(manifest)], "--test-data")):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and err.count("\n") == 1
+        assert not report.exists()
+    one = corpus / "one.csv"
+    one.write_text("path,label,speaker\n" + "".join(f"{p.relative_to(corpus)},{p.parent.name},x\n" for p in paths))
+    assert main(["probe", "--checkpoint", str(ckpt), "--data", str(one), "--group-by", "speaker", "--no-progress"]) == 2
+    assert "only one group" in capsys.readouterr().err
+    assert main(["probe", "--checkpoint", str(ckpt), "--data", str(corpus), "--group-by", "speaker",
+                 "--no-progress"]) == 2
+    assert ".csv or .jsonl manifest" in capsys.readouterr().err
+    holes = corpus / "holes.csv"
+    holes.write_text("path,label,speaker\n" + "".join(
+        f"{p.relative_to(corpus)},{p.parent.name},{'' if i == 3 else 's'}\n" for i, p in enumerate(paths)))
+    assert main(["probe", "--checkpoint", str(ckpt), "--data", str(holes), "--group-by", "speaker",
+                 "--no-progress"]) == 2
+    assert "row 4" in capsys.readouterr().err

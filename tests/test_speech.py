@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from ajepa.cli import main
-from ajepa.speech import PRETRAIN_VARIANTS, PROBE_VARIANTS, PROBE_WORDS, VOCABULARY, missing_tools, plan
+from ajepa.speech import (
+    PRETRAIN_VARIANTS,
+    PROBE_VARIANTS,
+    PROBE_WORDS,
+    VOCABULARY,
+    missing_tools,
+    plan,
+    write_probe_manifest,
+)
 
 
 def test_plan_is_deterministic_and_keeps_probe_words_and_voices_apart():
@@ -26,6 +34,20 @@ def test_plan_is_deterministic_and_keeps_probe_words_and_voices_apart():
     assert len({x.path for x in a}) == len(a)
     with pytest.raises(ValueError, match="vocabulary"):
         plan(0, 5, 1, words=("yes", "the"))
+
+
+def test_probe_manifest_names_each_clips_speaker(tmp_path):
+    from ajepa.data import read_manifest
+    from ajepa.eval.probe import manifest_column
+
+    clips = plan(2, 7, 4)
+    path = write_probe_manifest(tmp_path, clips)
+    probe = [c for c in clips if c.label is not None]
+    paths, labels = read_manifest(path)
+    assert paths == [tmp_path / c.path for c in probe] and labels == [c.label for c in probe]
+    speakers = manifest_column(path, "speaker")
+    assert speakers.tolist() == [c.voice.split("+")[1] for c in probe] and set(speakers) <= set(PROBE_VARIANTS)
+    assert [f"{a}+{b}" for a, b in zip(manifest_column(path, "accent"), speakers)] == [c.voice for c in probe]
 
 
 @pytest.mark.skipif(bool(missing_tools()),
@@ -60,3 +82,6 @@ def test_speech_benchmark_synthesizes_a_probe_ready_folder(tmp_path):
     ds = build_dataset(DataConfig(path=str(out / "probe")), get_preset("tiny").audio)
     assert ds.classes == tuple(sorted(PROBE_WORDS)) and len(ds) == 20
     assert build_dataset(DataConfig(path=str(out / "pretrain")), get_preset("tiny").audio).labels == [-1] * 4
+    # probe.csv lists the same clips with their speakers, for `ajepa probe --group-by speaker`.
+    listed = build_dataset(DataConfig(path=str(out / "probe.csv")), get_preset("tiny").audio)
+    assert sorted(listed.paths) == sorted(ds.paths) and listed.classes == ds.classes

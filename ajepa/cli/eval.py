@@ -121,7 +121,15 @@ def _probe_split(args, enc, featurize=None):
 
     `featurize(dataset, desc)` gives the features (default: `enc`'s embeddings)."""
     from ajepa.eval.embed import dataset_features
-    from ajepa.eval.probe import Targets, random_split, require_two_classes, stratified_split, targets_for
+    from ajepa.eval.probe import (
+        Targets,
+        group_split,
+        manifest_column,
+        random_split,
+        require_two_classes,
+        stratified_split,
+        targets_for,
+    )
 
     progress = not args.no_progress
     if featurize is None:
@@ -136,11 +144,12 @@ def _probe_split(args, enc, featurize=None):
         raise ValueError(f"--data {args.data}: no labels (use class subfolders or a 'label' column)")
     if args.test_data is None:
         y = tg.y[keep]
-        split = (
-            random_split(len(keep), args.test_fraction, args.seed)
-            if tg.multilabel
-            else stratified_split(y, args.test_fraction, args.seed)
-        )
+        if args.group_by is not None:
+            split = group_split(manifest_column(args.data, args.group_by)[keep], args.test_fraction, args.seed)
+        elif tg.multilabel:
+            split = random_split(len(keep), args.test_fraction, args.seed)
+        else:
+            split = stratified_split(y, args.test_fraction, args.seed)
         tr, te = keep[split[0]], keep[split[1]]
         return x[tr], tg.y[tr], x[te], tg.y[te], tg
     test = _dataset(enc, args.test_data, args.clips, args.corpus_seed)
@@ -162,9 +171,25 @@ def _probe_split(args, enc, featurize=None):
     return x[keep], tg.y[keep], xt[kt], tt.y[kt], tg
 
 
+def _check_group_by(args) -> None:
+    """Refuse --group-by that cannot work before any clip is embedded."""
+    from ajepa.eval.probe import manifest_column
+
+    if args.group_by is None:
+        return
+    if args.test_data is not None:
+        raise ValueError("--group-by splits --data itself; drop it or --test-data")
+    if args.data is None:
+        raise ValueError("--group-by needs --data: a .csv or .jsonl manifest with that column")
+    groups = manifest_column(args.data, args.group_by)
+    if len(set(groups)) < 2:
+        raise ValueError(f"--group-by {args.group_by}: --data {args.data} names only one group")
+
+
 def cmd_probe(args) -> int:
     from ajepa.eval.probe import linear_probe, logmel_features
 
+    _check_group_by(args)
     enc = _encoder(args)
     x_tr, y_tr, x_te, y_te, tg = _probe_split(args, enc)
     res = linear_probe(x_tr, y_tr, x_te, y_te, tg.classes, tg.multilabel, seed=args.seed)
@@ -172,6 +197,7 @@ def cmd_probe(args) -> int:
         "source": _source(args),
         "data": args.data or f"built-in corpus ({args.clips} clips, seed {args.corpus_seed})",
         "test_data": args.test_data,
+        "group_by": args.group_by,
         **res.to_dict(),
         "rankme": _clip_rankme(x_tr, x_te),
     }
@@ -206,8 +232,9 @@ def cmd_probe(args) -> int:
         key = next(iter(res.metrics))
         metric = f"{key} " + " | ".join(f"{name} {r.metrics[key]:.3f}" for name, r in side)
     rank_line = " | ".join(f"{name} {v:.1f}" for name, v in ranks)
+    held_out = f" of '{args.group_by}' groups the probe never trained on" if args.group_by else ""
     print(
-        f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips "
+        f"linear probe of {_source(args)}: {metric} on {res.n_test} test clips{held_out} "
         f"({res.n_train} train, {len(tg.classes)} classes, L2 {res.l2:g}); "
         f"RankMe of the clip embeddings: {rank_line}; report {out}"
     )
@@ -311,6 +338,11 @@ def add_commands(sub) -> None:
         "--test-fraction", type=float, default=0.3, help="test share of --data without --test-data (default 0.3)"
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument(
+        "--group-by", default=None, metavar="COLUMN",
+        help="hold out whole groups named by this column of the --data manifest (a speaker, a session): the test "
+        "clips come from groups the probe never trained on (`ajepa speech` writes probe.csv with 'speaker')",
+    )
     p.add_argument(
         "--pooling", choices=("mean", "mean_all"), default="mean",
         help="mean (default): over the patches holding the clip's own audio; mean_all: over every patch (old)",

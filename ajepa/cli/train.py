@@ -133,7 +133,7 @@ def cmd_speech(args) -> int:
     clips = build(args.out, args.seed, args.pretrain_clips, args.per_word, args.jobs, not args.no_progress)
     n_probe = sum(c.label is not None for c in clips)
     print(f"wrote {len(clips) - n_probe} pretraining clips to {args.out / 'pretrain'} and {n_probe} probe clips "
-          f"to {args.out / 'probe'}")
+          f"to {args.out / 'probe'} (and as {args.out / 'probe.csv'}, with each clip's speaker)")
     return 0
 
 

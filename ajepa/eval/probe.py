@@ -49,6 +49,47 @@ def random_split(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarra
     return np.sort(idx[n_test:]), np.sort(idx[:n_test])
 
 
+def group_split(groups, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole groups (speakers, recording sessions): shuffle the distinct groups with `seed` and move the
+    first k to the test side, k the count whose clips come nearest `test_fraction` of all (at least one group on
+    each side). No group is on both sides, so the probe is scored on speakers it never saw."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    groups = np.asarray(groups)
+    names = np.unique(groups)
+    if names.size < 2:
+        raise ValueError(f"a group split needs at least 2 groups, got {names.size}")
+    order = np.random.default_rng(seed).permutation(names)
+    sizes = np.array([(groups == g).sum() for g in order])
+    n_test = int(np.argmin(np.abs(np.cumsum(sizes[:-1]) - test_fraction * groups.size))) + 1
+    test = np.isin(groups, order[:n_test])
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def _manifest_rows(path: Path) -> list[dict] | None:
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+    if path.suffix.lower() == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return None
+
+
+def manifest_column(path: str | Path, column: str) -> np.ndarray:
+    """One column of a CSV/JSONL manifest, row by row (as `read_manifest` lists the clips), as strings.
+    Raises ValueError naming the problem: not a manifest, no such column, or rows that leave it empty."""
+    rows = _manifest_rows(Path(path))
+    if rows is None:
+        raise ValueError(f"--data {path}: --group-by needs a .csv or .jsonl manifest with a {column!r} column")
+    values = [r.get(column) for r in rows]
+    if rows and all(v is None for v in values):
+        raise ValueError(f"--data {path}: no {column!r} column (columns: {', '.join(sorted(rows[0]))})")
+    empty = [i for i, v in enumerate(values) if v in (None, "")]
+    if empty:
+        raise ValueError(f"--data {path}: {len(empty)} rows have no {column!r} (the first: row {empty[0] + 1})")
+    return np.asarray([str(v) for v in values])
+
+
 def _split_labels(value) -> list[str]:
     if value is None or value == "":
         return []
@@ -59,13 +100,8 @@ def _split_labels(value) -> list[str]:
 
 def manifest_label_sets(path: str | Path) -> list[list[str]] | None:
     """Label sets per manifest row when the manifest is multi-label, else None."""
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    elif path.suffix.lower() == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
+    rows = _manifest_rows(Path(path))
+    if rows is None:
         return None
     sets = [_split_labels(r.get("label")) for r in rows]
     return sets if any(len(s) > 1 for s in sets) else None
