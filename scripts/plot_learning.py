@@ -1,10 +1,13 @@
-"""Draw the speech ablation of docs/learning.md as two pictures: every run's probe margin over its best
-random-init seed with the RankMe of its clip embeddings against random init's, beside issue #14's bars; and the
-probe of random-init and pretrained encoders against the amplitude of their positions (`model.pos_scale`).
+"""Draw the speech ablation of docs/learning.md as three pictures: every run's probe margin over its best
+random-init seed with the RankMe of its clip embeddings against random init's, beside issue #14's bars; the
+probe of random-init and pretrained encoders against the amplitude of their positions (`model.pos_scale`); and
+each encoder's probe on stratified splits beside its probe on speakers the probe never trained on.
 
     python scripts/plot_learning.py          # docs/learning_runs.csv -> docs/learning.png,
-                                             # docs/learning_pos_scale.csv -> docs/learning_pos_scale.png
-    python scripts/plot_learning.py --csv runs.csv --out fig.png --sweep-csv sweep.csv --sweep-out sweep.png
+                                             # docs/learning_pos_scale.csv -> docs/learning_pos_scale.png,
+                                             # docs/learning_speakers.csv -> docs/learning_speakers.png
+    python scripts/plot_learning.py --csv runs.csv --out fig.png --sweep-csv sweep.csv --sweep-out sweep.png \
+        --speakers-csv speakers.csv --speakers-out speakers.png
 
 learning_runs.csv has one row per scored training run (the tables of docs/learning.md, passes five on; every row
 was measured by `scripts/learn_eval.py` as described there) with the columns
@@ -18,6 +21,13 @@ learning_pos_scale.csv has one row per scored encoder of the tenth pass's sweep,
     pos_scale, encoder, seed, probe
 encoder: "random" (untrained) or "pretrained" (the `tiny` default trained 600 steps at that scale); seed: its
 init or training seed; probe: linear-probe accuracy of its mean-pooled clip embeddings, split 0.
+
+learning_speakers.csv has one row per scored encoder of the eleventh pass, with the columns
+    encoder, seed, stratified, unseen
+encoder: the kind of features (rows of one kind share a bar, drawn in the order the kinds first appear); seed:
+its init or training seed, empty for features without one (log-mel statistics); stratified: the probe's mean
+accuracy over three stratified splits (split seeds 0-2, every speaker on both sides); unseen: its mean accuracy
+over five splits that hold out whole speakers (`learn_eval.py --group-by speaker`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ PROBE_BAR = 15.0  # issue #14: at least 15 points above the best of three random
 RANKME_BAR = 2.0  # issue #14: RankMe at least twice random init's
 SWEEP_COLUMNS = ("pos_scale", "encoder", "seed", "probe")
 ENCODERS = ("random", "pretrained")
+SPEAKER_COLUMNS = ("encoder", "seed", "stratified", "unseen")
+SPLITS = (("stratified", "stratified splits (every speaker seen)"),
+          ("unseen", "unseen speakers (held out whole)"))
 LOGMEL = 0.940  # `ajepa probe --baseline mel` on the speech probe set, split 0 (`learn_eval.py --mel`: 0.927)
 
 
@@ -76,12 +89,26 @@ def _encoder(r: dict) -> dict:
         raise ValueError("pos_scale, seed and probe must be numbers") from None
 
 
+def _speaker_row(r: dict) -> dict:
+    if not r["encoder"].strip():
+        raise ValueError("encoder is empty")
+    try:
+        return {"encoder": r["encoder"].strip(), "seed": int(r["seed"]) if r["seed"].strip() else None,
+                "stratified": float(r["stratified"]), "unseen": float(r["unseen"])}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError("seed (or empty), stratified and unseen must be numbers") from None
+
+
 def read_runs(path: Path) -> list[dict]:
     return read_table(path, COLUMNS, _run)
 
 
 def read_sweep(path: Path) -> list[dict]:
     return read_table(path, SWEEP_COLUMNS, _encoder)
+
+
+def read_speakers(path: Path) -> list[dict]:
+    return read_table(path, SPEAKER_COLUMNS, _speaker_row)
 
 
 def draw(rows: list[dict], out: Path) -> None:
@@ -154,21 +181,55 @@ def draw_sweep(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def draw_speakers(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["encoder"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7.6, 0.62 * len(kinds) + 1.6))
+    height = 0.38
+    for k, (key, what), color in zip((1, -1), SPLITS, ("0.72", "tab:blue")):
+        for i, kind in enumerate(kinds):
+            vals = [r[key] for r in rows if r["encoder"] == kind]
+            yi = len(kinds) - 1 - i + k * height / 2
+            ax.barh(yi, sum(vals) / len(vals), height=height, color=color, label=what if i == 0 else None)
+            ax.plot(vals, [yi] * len(vals), "o", ms=3.5, color="black", alpha=0.7,
+                    label="each seed" if i == 0 and k == -1 else None)
+            ax.text(max(vals) + 0.006, yi, f"{sum(vals) / len(vals):.3f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(kinds))[::-1], kinds, fontsize=8)
+    lo = min(min(r["stratified"], r["unseen"]) for r in rows)
+    ax.set_xlim(max(0.0, lo - 0.08), 1.0)
+    ax.set_xlabel("speech probe accuracy (bar: the mean over seeds)")
+    ax.set_title("Who wins depends on whose voices the probe has heard", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(fontsize=7, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", type=Path, default=ROOT / "docs" / "learning_runs.csv")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "learning.png")
     p.add_argument("--sweep-csv", type=Path, default=ROOT / "docs" / "learning_pos_scale.csv")
     p.add_argument("--sweep-out", type=Path, default=ROOT / "docs" / "learning_pos_scale.png")
+    p.add_argument("--speakers-csv", type=Path, default=ROOT / "docs" / "learning_speakers.csv")
+    p.add_argument("--speakers-out", type=Path, default=ROOT / "docs" / "learning_speakers.png")
     args = p.parse_args(argv)
-    try:  # both tables are read before anything is drawn: a bad one writes nothing
-        rows, sweep = read_runs(args.csv), read_sweep(args.sweep_csv)
+    try:  # every table is read before anything is drawn: a bad one writes nothing
+        rows, sweep, speakers = read_runs(args.csv), read_sweep(args.sweep_csv), read_speakers(args.speakers_csv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     draw(rows, args.out)
     draw_sweep(sweep, args.sweep_out)
-    print(f"wrote {args.out} ({len(rows)} runs) and {args.sweep_out} ({len(sweep)} encoders)")
+    draw_speakers(speakers, args.speakers_out)
+    print(f"wrote {args.out} ({len(rows)} runs), {args.sweep_out} ({len(sweep)} encoders) and "
+          f"{args.speakers_out} ({len(speakers)} encoders)")
     return 0
 
 

@@ -106,12 +106,17 @@ def test_plot_learning_draws_the_committed_runs(tmp_path, capsys):
     assert len({r["row"] for r in rows}) == len(rows) and sum(r["default"] for r in rows) >= 3
     sweep = pl.read_sweep(pl.ROOT / "docs" / "learning_pos_scale.csv")
     assert {r["encoder"] for r in sweep} == {"random", "pretrained"} and 1.0 in {r["pos_scale"] for r in sweep}
-    out, sweep_out = tmp_path / "learning.png", tmp_path / "pos.png"
-    assert pl.main(["--out", str(out), "--sweep-out", str(sweep_out)]) == 0
-    for path in (out, sweep_out):
+    speakers = pl.read_speakers(pl.ROOT / "docs" / "learning_speakers.csv")
+    kinds = {r["encoder"] for r in speakers}
+    assert any(r["seed"] is None for r in speakers) and len(kinds) >= 3
+    assert all(0.0 < r[k] <= 1.0 for r in speakers for k in ("stratified", "unseen"))
+    out, sweep_out, speakers_out = tmp_path / "learning.png", tmp_path / "pos.png", tmp_path / "speakers.png"
+    assert pl.main(["--out", str(out), "--sweep-out", str(sweep_out), "--speakers-out", str(speakers_out)]) == 0
+    for path in (out, sweep_out, speakers_out):
         assert _image(path).std() > 0.05  # something is drawn, not a blank canvas
     said = capsys.readouterr().out
     assert f"({len(rows)} runs)" in said and f"({len(sweep)} encoders)" in said
+    assert f"({len(speakers)} encoders)" in said
 
 
 def test_plot_learning_bad_csv_is_one_line(tmp_path, capsys):
@@ -141,3 +146,44 @@ def test_plot_learning_bad_sweep_csv_is_one_line_and_draws_nothing(tmp_path, cap
         assert err.startswith("error:") and says in err and "\n" not in err
     assert not out.exists() and not sweep_out.exists()
 
+
+
+def test_plot_learning_bad_speakers_csv_is_one_line_and_draws_nothing(tmp_path, capsys):
+    pl = _plot_learning()
+    bad, outs = tmp_path / "speakers.csv", [tmp_path / f"{n}.png" for n in "xyz"]
+    for text, says in (("encoder,seed,stratified\nmel,,0.9\n", "unseen"),
+                       ("encoder,seed,stratified,unseen\n,0,0.9,0.7\n", "encoder is empty"),
+                       ("encoder,seed,stratified,unseen\nmel,one,0.9,0.7\n", "line 2"),
+                       ("encoder,seed,stratified,unseen\nmel,,0.9\n", "must be numbers")):
+        bad.write_text(text)
+        assert pl.main(["--speakers-csv", str(bad), "--out", str(outs[0]), "--sweep-out", str(outs[1]),
+                        "--speakers-out", str(outs[2])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and says in err and "\n" not in err
+    assert not any(o.exists() for o in outs)
+
+
+def test_plot_learning_speakers_bars_are_the_mean_over_seeds(tmp_path):
+    pl = _plot_learning()
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = [{"encoder": "a", "seed": 0, "stratified": 0.6, "unseen": 0.5},
+            {"encoder": "a", "seed": 1, "stratified": 0.8, "unseen": 0.7},
+            {"encoder": "mel", "seed": None, "stratified": 0.9, "unseen": 0.4}]
+    seen = {}
+    real_barh = plt.Axes.barh
+
+    def spy(self, y, width, *args, **kwargs):
+        seen[(round(float(y), 3))] = width
+        return real_barh(self, y, width, *args, **kwargs)
+
+    plt.Axes.barh = spy
+    try:
+        pl.draw_speakers(rows, tmp_path / "s.png")
+    finally:
+        plt.Axes.barh = real_barh
+    # kind "a" is drawn on top (y = 1), "mel" below (y = 0); stratified above unseen within a kind
+    assert seen == {1.19: pytest.approx(0.7), 0.81: pytest.approx(0.6), 0.19: 0.9, -0.19: 0.4}
