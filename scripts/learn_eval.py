@@ -43,6 +43,13 @@ def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
     return accs[0], float(np.mean(accs))
 
 
+def val_seed_accs(x: torch.Tensor, y: np.ndarray, n: int) -> list[float]:
+    """Split 0's accuracy with the probe's validation quarter (which picks the L2) drawn with seeds 0..n-1: how much
+    of one encoder's figure is the probe's own choice."""
+    tr, te = stratified_split(y, 0.3, 0)
+    return [linear_probe(x[tr], y[tr], x[te], y[te], seed=v).metrics["accuracy"] for v in range(n)]
+
+
 def group_acc(x: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> float:
     accs = []
     for s in GROUP_SEEDS:
@@ -51,7 +58,8 @@ def group_acc(x: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> float:
     return float(np.mean(accs))
 
 
-def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str, groups: np.ndarray | None = None) -> dict:
+def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str, groups: np.ndarray | None = None,
+                  val_seeds: int = 0) -> dict:
     with torch.no_grad():
         tokens = torch.cat([enc(specs[i:i + 64]) for i in range(0, len(specs), 64)])
     keep = audio_token_mask(specs, enc.cfg).float()
@@ -60,6 +68,8 @@ def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str, groups: np
     acc_all = probe_acc(tokens.mean(1), y)[0]
     audio = tokens[keep.bool()]  # [n_audio_tokens, D]: padding tokens left out
     extra = {} if groups is None else {"acc_group": round(group_acc(pooled, y, groups), 4)}
+    if val_seeds:
+        extra["acc_val_seeds"] = [round(a, 4) for a in val_seed_accs(pooled, y, val_seeds)]
     return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
             **extra,
             "rankme_audio": round(rankme(audio), 4), "rankme_clip": round(rankme(pooled), 4),
@@ -78,6 +88,8 @@ def main(argv=None) -> int:
                    help="also score on held-out groups named by this column of --group-manifest (e.g. speaker)")
     p.add_argument("--group-manifest", type=Path, default=None,
                    help="a manifest listing --probe's clips (path relative to its folder) with the --group-by column")
+    p.add_argument("--val-seeds", type=int, default=0, metavar="N",
+                   help="also report split 0's accuracy with the probe's validation quarter drawn with seeds 0..N-1")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the --random encoders and the probe's spectrograms (repeatable)")
     args = p.parse_args(argv)
@@ -118,11 +130,13 @@ def main(argv=None) -> int:
         x = torch.stack(feats)
         acc0, acc = probe_acc(x, y)
         rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4),
-                     **({} if groups is None else {"acc_group": round(group_acc(x, y, groups), 4)})})
+                     **({} if groups is None else {"acc_group": round(group_acc(x, y, groups), 4)}),
+                     **({"acc_val_seeds": [round(a, 4) for a in val_seed_accs(x, y, args.val_seeds)]}
+                        if args.val_seeds else {})})
     for seed in args.random:
         name = (f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
                 + f" (norm {cfg.audio.norm_mean:.3f}/{cfg.audio.norm_std:.3f})")
-        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name, groups))
+        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name, groups, args.val_seeds))
     for run in args.runs:
         try:
             enc = load_encoder(run / "checkpoint.pt", args.which)
@@ -133,7 +147,7 @@ def main(argv=None) -> int:
                                    .spectrogram(i) for i in range(len(ds))])
         else:
             specs_r = specs
-        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})", groups))
+        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})", groups, args.val_seeds))
     with args.log.open("a") as fh:
         for r in rows:
             line = json.dumps(r)
