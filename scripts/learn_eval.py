@@ -35,41 +35,43 @@ SPLIT_SEEDS = (0, 1, 2)
 GROUP_SEEDS = (0, 1, 2, 3, 4)  # held-out speakers vary more from split to split than clips do
 
 
-def probe_acc(x: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+def probe_acc(x: torch.Tensor, y: np.ndarray, folds: int = 1) -> tuple[float, float]:
     accs = []
     for s in SPLIT_SEEDS:
         tr, te = stratified_split(y, 0.3, s)
-        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s).metrics["accuracy"])
+        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s, val_folds=folds).metrics["accuracy"])
     return accs[0], float(np.mean(accs))
 
 
-def val_seed_accs(x: torch.Tensor, y: np.ndarray, n: int) -> list[float]:
+def val_seed_accs(x: torch.Tensor, y: np.ndarray, n: int, folds: int = 1) -> list[float]:
     """Split 0's accuracy with the probe's validation quarter (which picks the L2) drawn with seeds 0..n-1: how much
     of one encoder's figure is the probe's own choice."""
     tr, te = stratified_split(y, 0.3, 0)
-    return [linear_probe(x[tr], y[tr], x[te], y[te], seed=v).metrics["accuracy"] for v in range(n)]
+    return [linear_probe(x[tr], y[tr], x[te], y[te], seed=v, val_folds=folds).metrics["accuracy"] for v in range(n)]
 
 
-def group_acc(x: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> float:
+def group_acc(x: torch.Tensor, y: np.ndarray, groups: np.ndarray, folds: int = 1) -> float:
     accs = []
     for s in GROUP_SEEDS:
         tr, te = group_split(groups, 0.3, s)
-        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s).metrics["accuracy"])
+        accs.append(linear_probe(x[tr], y[tr], x[te], y[te], seed=s, val_folds=folds).metrics["accuracy"])
     return float(np.mean(accs))
 
 
 def score_encoder(enc, specs: torch.Tensor, y: np.ndarray, name: str, groups: np.ndarray | None = None,
-                  val_seeds: int = 0) -> dict:
+                  val_seeds: int = 0, folds: int = 1) -> dict:
     with torch.no_grad():
         tokens = torch.cat([enc(specs[i:i + 64]) for i in range(0, len(specs), 64)])
     keep = audio_token_mask(specs, enc.cfg).float()
     pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
-    acc0, acc = probe_acc(pooled, y)
-    acc_all = probe_acc(tokens.mean(1), y)[0]
+    acc0, acc = probe_acc(pooled, y, folds)
+    acc_all = probe_acc(tokens.mean(1), y, folds)[0]
     audio = tokens[keep.bool()]  # [n_audio_tokens, D]: padding tokens left out
-    extra = {} if groups is None else {"acc_group": round(group_acc(pooled, y, groups), 4)}
+    extra = {} if groups is None else {"acc_group": round(group_acc(pooled, y, groups, folds), 4)}
     if val_seeds:
-        extra["acc_val_seeds"] = [round(a, 4) for a in val_seed_accs(pooled, y, val_seeds)]
+        extra["acc_val_seeds"] = [round(a, 4) for a in val_seed_accs(pooled, y, val_seeds, folds)]
+    if folds > 1:
+        extra["val_folds"] = folds
     return {"name": name, "acc": round(acc0, 4), "acc_mean3": round(acc, 4), "acc_mean_all": round(acc_all, 4),
             **extra,
             "rankme_audio": round(rankme(audio), 4), "rankme_clip": round(rankme(pooled), 4),
@@ -90,9 +92,13 @@ def main(argv=None) -> int:
                    help="a manifest listing --probe's clips (path relative to its folder) with the --group-by column")
     p.add_argument("--val-seeds", type=int, default=0, metavar="N",
                    help="also report split 0's accuracy with the probe's validation quarter drawn with seeds 0..N-1")
+    p.add_argument("--val-folds", type=int, default=1, metavar="K",
+                   help="choose every probe's L2 by K-fold cross-validation (default 1: one held-out quarter)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the --random encoders and the probe's spectrograms (repeatable)")
     args = p.parse_args(argv)
+    if args.val_folds < 1:
+        p.error(f"--val-folds must be at least 1, got {args.val_folds}")
     torch.set_num_threads(2)
     try:
         cfg = apply_overrides(get_preset("tiny"), args.overrides)
@@ -128,15 +134,16 @@ def main(argv=None) -> int:
             fb = ds.raw_fbank(i)
             feats.append(torch.cat([fb.mean(0), fb.std(0)]))
         x = torch.stack(feats)
-        acc0, acc = probe_acc(x, y)
+        acc0, acc = probe_acc(x, y, args.val_folds)
         rows.append({"name": "log-mel mean+std", "acc": round(acc0, 4), "acc_mean3": round(acc, 4),
-                     **({} if groups is None else {"acc_group": round(group_acc(x, y, groups), 4)}),
-                     **({"acc_val_seeds": [round(a, 4) for a in val_seed_accs(x, y, args.val_seeds)]}
-                        if args.val_seeds else {})})
+                     **({} if groups is None else {"acc_group": round(group_acc(x, y, groups, args.val_folds), 4)}),
+                     **({"acc_val_seeds": [round(a, 4) for a in val_seed_accs(x, y, args.val_seeds, args.val_folds)]}
+                        if args.val_seeds else {}),
+                     **({"val_folds": args.val_folds} if args.val_folds > 1 else {})})
     for seed in args.random:
         name = (f"random init seed {seed}" + "".join(f" {o}" for o in args.overrides)
                 + f" (norm {cfg.audio.norm_mean:.3f}/{cfg.audio.norm_std:.3f})")
-        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name, groups, args.val_seeds))
+        rows.append(score_encoder(random_encoder(cfg, seed), specs, y, name, groups, args.val_seeds, args.val_folds))
     for run in args.runs:
         try:
             enc = load_encoder(run / "checkpoint.pt", args.which)
@@ -147,7 +154,8 @@ def main(argv=None) -> int:
                                    .spectrogram(i) for i in range(len(ds))])
         else:
             specs_r = specs
-        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})", groups, args.val_seeds))
+        rows.append(score_encoder(enc, specs_r, y, f"{run.name} ({args.which})", groups, args.val_seeds,
+                                 args.val_folds))
     with args.log.open("a") as fh:
         for r in rows:
             line = json.dumps(r)

@@ -11,10 +11,14 @@ from ajepa.cli import main
 from ajepa.data import write_synth_corpus
 from ajepa.eval.embed import load_encoder, read_checkpoint
 from ajepa.eval.probe import (
+    _score,
     average_precision,
+    cv_folds,
+    fit_logreg,
     linear_probe,
     manifest_label_sets,
     mean_average_precision,
+    standardize,
     stratified_split,
 )
 from ajepa.train import train
@@ -175,6 +179,61 @@ def test_linear_probe_separable_vs_random_labels():
     shuffled = y[torch.randperm(200, generator=g)].numpy()
     noise = linear_probe(x[tr], shuffled[tr], x[te], shuffled[te])
     assert noise.metrics["accuracy"] < 0.5
+
+
+def test_cv_folds_validate_every_clip_once_and_spread_each_class():
+    y = np.repeat(np.arange(4), [3, 7, 10, 13])
+    folds = cv_folds(y, 5, seed=2)
+    assert len(folds) == 5
+    val = np.concatenate([v for _, v in folds])
+    assert np.array_equal(np.sort(val), np.arange(y.size))  # every clip validated exactly once
+    for fit, v in folds:
+        assert np.intersect1d(fit, v).size == 0 and fit.size + v.size == y.size
+    for c in range(4):  # each class dealt round-robin: its count per fold differs by at most one
+        counts = [int((y[v] == c).sum()) for _, v in folds]
+        assert max(counts) - min(counts) <= 1
+    sizes = [v.size for _, v in folds]
+    assert max(sizes) - min(sizes) <= 1  # the deal continues across classes: no fold collects the remainders
+    assert [v.tolist() for _, v in cv_folds(y, 5, seed=2)] == [v.tolist() for _, v in folds]
+    assert [v.tolist() for _, v in cv_folds(y, 5, seed=3)] != [v.tolist() for _, v in folds]
+    ml = cv_folds(np.zeros((11, 3)), 4, seed=0, multilabel=True)
+    assert sorted(int(v.size) for _, v in ml) == [2, 3, 3, 3]
+    assert np.array_equal(np.sort(np.concatenate([v for _, v in ml])), np.arange(11))
+
+
+def _hand_val_score(x, y, fit, val, l2, num_classes):
+    xf, xv = standardize(x[fit], x[val])
+    w, b = fit_logreg(xf, torch.as_tensor(y[fit]), num_classes, l2, False)
+    return _score(xv @ w + b, y[val], False)["accuracy"]
+
+
+def test_linear_probe_val_folds_choose_l2_by_the_mean_over_folds():
+    g = torch.Generator().manual_seed(1)
+    y = (torch.arange(40) % 3).numpy()
+    x = (torch.randn(3, 6, generator=g) * 0.6)[y] + torch.randn(40, 6, generator=g)
+    xt, yt = x[:30].double(), y[:30]
+    grid = (1e-3, 1.0)
+    # One fold: the validation score is the held-out quarter's, exactly as the probe always chose it.
+    one = linear_probe(xt, yt, x[30:], y[30:], l2_grid=grid, seed=4)
+    fit, val = stratified_split(yt, 0.25, 4)
+    assert one.val_folds == 1
+    assert one.val_scores == {str(l2): _hand_val_score(xt, yt, fit, val, l2, 3) for l2 in grid}
+    # k folds: each L2's score is the clip-weighted mean over the k folds of cv_folds; the best one is refit.
+    res = linear_probe(xt, yt, x[30:], y[30:], l2_grid=grid, seed=4, val_folds=4)
+    want = {}
+    for l2 in grid:
+        parts = [(_hand_val_score(xt, yt, f, v, l2, 3), v.size) for f, v in cv_folds(yt, 4, seed=4)]
+        want[str(l2)] = sum(s * n for s, n in parts) / 30
+    assert res.val_folds == 4 and res.val_scores == pytest.approx(want, abs=1e-12)
+    assert res.l2 == max(grid, key=lambda l2: (want[str(l2)], l2))
+
+
+@pytest.mark.parametrize("bad, says", [(0, "val_folds must be"), (True, "val_folds must be"),
+                                        (2.5, "val_folds must be"), (31, "at least 31 training clips")])
+def test_linear_probe_refuses_bad_val_folds(bad, says):
+    x, y = torch.randn(40, 4), np.arange(40) % 2
+    with pytest.raises(ValueError, match=says):
+        linear_probe(x[:30], y[:30], x[30:], y[30:], val_folds=bad)
 
 
 def test_average_precision_hand_values():

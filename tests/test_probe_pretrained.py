@@ -122,3 +122,30 @@ def test_logmel_features_use_only_the_clips_own_frames():
     assert x.shape == (2, 256)
     assert torch.allclose(x[0, :128], short.mean(0)) and torch.allclose(x[0, 128:], short.std(0, unbiased=False))
     assert torch.allclose(x[1, :128], long[: audio.target_frames].mean(0))
+
+
+def test_probe_val_folds_reach_every_probe_of_the_report(tmp_path, capsys):
+    from ajepa.config import DataConfig
+    from ajepa.data import build_dataset
+    from ajepa.eval.probe import logmel_features
+
+    report = tmp_path / "k.json"
+    common = ["--clips", "70", "--no-progress", "--device", "cpu", "--report", str(report)]
+    assert main(["probe", "--checkpoint", str(FIXTURE), "--baseline", "mel", "--val-folds", "3", *common]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    rep = json.loads(report.read_text())
+    assert "by 3-fold cross-validation" in line
+    assert rep["val_folds"] == rep["baselines"]["random_init"]["val_folds"] == rep["baselines"]["mel"]["val_folds"] == 3
+    # The log-mel figure is the 3-fold probe of those features on that split.
+    ds = build_dataset(DataConfig(synth_clips=70, random_crop=False), load_encoder(FIXTURE).cfg.audio, seed=1)
+    x, y = logmel_features(ds, load_encoder(FIXTURE).cfg.audio), np.asarray(ds.labels)
+    tr, te = stratified_split(y, 0.3, 0)
+    mel = rep["baselines"]["mel"]
+    hand = linear_probe(x[tr], y[tr], x[te], y[te], seed=0, val_folds=3)
+    assert hand.metrics == mel["metrics"] and hand.val_scores == mel["val_scores"] and hand.l2 == mel["l2"]
+    # A bad count: one line, before any clip is embedded, nothing written.
+    report.unlink()
+    assert main(["probe", "--checkpoint", str(FIXTURE), "--val-folds", "0", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--val-folds must be at least 1" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not report.exists()
