@@ -148,4 +148,7 @@ def test_probe_val_folds_reach_every_probe_of_the_report(tmp_path, capsys):
     assert main(["probe", "--checkpoint", str(FIXTURE), "--val-folds", "0", *common]) == 2
     err = capsys.readouterr().err
     assert "--val-folds must be at least 1" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["probe", "--checkpoint", str(FIXTURE), "--val-folds", "50", *common]) == 2  # 49 training clips
+    err = capsys.readouterr().err
+    assert "--val-folds 50 needs at least 50 training clips, got 49" in err and err.count("\n") == 1
     assert not report.exists()

@@ -194,6 +194,9 @@ def cmd_probe(args) -> int:
         raise ValueError(f"--val-folds must be at least 1, got {args.val_folds}")
     enc = _encoder(args)
     x_tr, y_tr, x_te, y_te, tg = _probe_split(args, enc)
+    if args.val_folds > len(x_tr):
+        k = args.val_folds
+        raise ValueError(f"--val-folds {k} needs at least {k} training clips, got {len(x_tr)}")
     res = linear_probe(x_tr, y_tr, x_te, y_te, tg.classes, tg.multilabel, seed=args.seed, val_folds=args.val_folds)
     report = {
         "source": _source(args),
