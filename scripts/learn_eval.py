@@ -44,8 +44,8 @@ def probe_acc(x: torch.Tensor, y: np.ndarray, folds: int = 1) -> tuple[float, fl
 
 
 def val_seed_accs(x: torch.Tensor, y: np.ndarray, n: int, folds: int = 1) -> list[float]:
-    """Split 0's accuracy with the probe's validation quarter (which picks the L2) drawn with seeds 0..n-1: how much
-    of one encoder's figure is the probe's own choice."""
+    """Split 0's accuracy with the probe's validation draw (the quarter, or the folds, that pick the L2) made with
+    seeds 0..n-1: how much of one encoder's figure is the probe's own choice."""
     tr, te = stratified_split(y, 0.3, 0)
     return [linear_probe(x[tr], y[tr], x[te], y[te], seed=v, val_folds=folds).metrics["accuracy"] for v in range(n)]
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-manifest", type=Path, default=None,
                    help="a manifest listing --probe's clips (path relative to its folder) with the --group-by column")
     p.add_argument("--val-seeds", type=int, default=0, metavar="N",
-                   help="also report split 0's accuracy with the probe's validation quarter drawn with seeds 0..N-1")
+                   help="also report split 0's accuracy with the probe's validation draw made with seeds 0..N-1")
     p.add_argument("--val-folds", type=int, default=1, metavar="K",
                    help="choose every probe's L2 by K-fold cross-validation (default 1: one held-out quarter)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
