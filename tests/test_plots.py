@@ -147,7 +147,6 @@ def test_plot_learning_bad_sweep_csv_is_one_line_and_draws_nothing(tmp_path, cap
     assert not out.exists() and not sweep_out.exists()
 
 
-
 def test_plot_learning_bad_speakers_csv_is_one_line_and_draws_nothing(tmp_path, capsys):
     pl = _plot_learning()
     bad, outs = tmp_path / "speakers.csv", [tmp_path / f"{n}.png" for n in "xyz"]
@@ -163,7 +162,7 @@ def test_plot_learning_bad_speakers_csv_is_one_line_and_draws_nothing(tmp_path, 
     assert not any(o.exists() for o in outs)
 
 
-def test_plot_learning_speakers_bars_are_the_mean_over_seeds(tmp_path):
+def test_plot_learning_speakers_bars_are_the_mean_over_seeds(tmp_path, monkeypatch):
     pl = _plot_learning()
     import matplotlib
 
@@ -180,10 +179,7 @@ def test_plot_learning_speakers_bars_are_the_mean_over_seeds(tmp_path):
         seen[(round(float(y), 3))] = width
         return real_barh(self, y, width, *args, **kwargs)
 
-    plt.Axes.barh = spy
-    try:
-        pl.draw_speakers(rows, tmp_path / "s.png")
-    finally:
-        plt.Axes.barh = real_barh
+    monkeypatch.setattr(plt.Axes, "barh", spy)
+    pl.draw_speakers(rows, tmp_path / "s.png")
     # kind "a" is drawn on top (y = 1), "mel" below (y = 0); stratified above unseen within a kind
     assert seen == {1.19: pytest.approx(0.7), 0.81: pytest.approx(0.6), 0.19: 0.9, -0.19: 0.4}
